@@ -1,0 +1,217 @@
+"""Coalesce the pairs of concurrent requests into forward passes.
+
+The queue holds pairs, not requests, so many small RPCs share one forward pass and one large RPC is
+split across several. Knows neither protobuf nor torch: items are opaque, with a token length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should back off and retry."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_pairs: int = 32
+    max_tokens: int = 16384  # padded tokens: pairs x longest pair
+    max_wait_s: float = 0.002
+    max_queue_pairs: int = 8192
+    window: int = 512  # oldest pending pairs considered when grouping by length
+
+
+@dataclass
+class BatchResult:
+    scores: list[float]
+    tokens: int
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(eq=False)
+class _Job:
+    future: asyncio.Future[BatchResult]
+    size: int
+    submitted: float
+    scores: list[float] = field(default_factory=list)
+    remaining: int = 0
+    tokens: int = 0
+    started: float | None = None
+    inference_s: float = 0.0
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class _Pending(Generic[Item]):
+    job: _Job
+    index: int
+    item: Item
+    length: int
+
+
+@dataclass
+class BatchStats:
+    """What the batcher has done; read by metrics and tests."""
+
+    batches: int = 0
+    pairs: int = 0
+    dropped_pairs: int = 0
+    rejected_requests: int = 0
+    failed_batches: int = 0
+
+
+class Batcher(Generic[Item]):
+    """Queue pairs from many callers; one worker runs `forward` on length-grouped batches off the loop."""
+
+    def __init__(
+        self,
+        forward: Callable[[Sequence[Item]], list[float]],
+        executor: Executor,
+        limits: BatchLimits,
+        length: Callable[[Item], int] = len,  # type: ignore[assignment]
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self._forward = forward
+        self._executor = executor
+        self._limits = limits
+        self._length = length
+        self._on_batch = on_batch
+        self._pending: list[_Pending[Item]] = []
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self.stats = BatchStats()
+
+    @property
+    def queued_pairs(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; callers still waiting get an error."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        for p in self._pending:
+            if not p.job.abandoned:
+                p.job.future.set_exception(RuntimeError("the server is shutting down"))
+        self._pending.clear()
+
+    async def submit(self, items: Sequence[Item]) -> BatchResult:
+        """Score `items`; scores come back in input order. Raises Overloaded when the queue is full."""
+        if not items:
+            return BatchResult([], 0, 0.0, 0.0)
+        if len(self._pending) + len(items) > self._limits.max_queue_pairs:
+            self.stats.rejected_requests += 1
+            raise Overloaded(
+                f"server overloaded: {len(self._pending)} pairs queued, {len(items)} more would exceed "
+                f"the queue limit of {self._limits.max_queue_pairs}; retry with backoff"
+            )
+        job = _Job(asyncio.get_running_loop().create_future(), len(items), time.perf_counter())
+        job.scores = [0.0] * len(items)
+        job.remaining = len(items)
+        self._pending.extend(_Pending(job, i, it, self._length(it)) for i, it in enumerate(items))
+        self._wakeup.set()
+        # A cancelled caller (client gone, deadline passed) cancels this future: its pairs are skipped.
+        return await job.future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                await self._fill_wait()
+                batch = self._take_batch()
+                if batch:
+                    await self._run_batch(batch)
+
+    async def _fill_wait(self) -> None:
+        """Wait briefly for more pairs when the batch is not full, so concurrent callers share it."""
+        deadline = self._pending[0].job.submitted + self._limits.max_wait_s
+        while len(self._pending) < self._limits.max_pairs:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending[Item]]:
+        """Longest-first within the oldest `window` pairs, up to the pair and padded-token budgets."""
+        live = [p for p in self._pending if not p.job.abandoned]
+        self.stats.dropped_pairs += len(self._pending) - len(live)
+        window = sorted(live[: self._limits.window], key=lambda p: -p.length)
+        batch: list[_Pending[Item]] = []
+        for p in window:
+            # Sorted longest first, so the first pair sets the padded length for the whole batch.
+            longest = batch[0].length if batch else p.length
+            if batch and (len(batch) >= self._limits.max_pairs or longest * (len(batch) + 1) > self._limits.max_tokens):
+                break
+            batch.append(p)
+        taken = {id(p) for p in batch}
+        self._pending = [p for p in live if id(p) not in taken]
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending[Item]]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        for p in batch:
+            if p.job.started is None:
+                p.job.started = start
+        try:
+            scores = await loop.run_in_executor(self._executor, self._forward, [p.item for p in batch])
+            if len(scores) != len(batch):
+                raise RuntimeError(f"model returned {len(scores)} scores for {len(batch)} pairs")
+        except Exception as exc:  # a model error fails only the callers in this batch
+            log.exception("forward pass failed for a batch of %d pairs", len(batch))
+            self.stats.failed_batches += 1
+            self._fail(batch, exc)
+            return
+        elapsed = time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.pairs += len(batch)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), sum(p.length for p in batch), elapsed)
+        for job in {id(p.job): p.job for p in batch}.values():
+            job.inference_s += elapsed
+        for p, score in zip(batch, scores):
+            self._deliver(p, score)
+
+    def _deliver(self, p: _Pending[Item], score: float) -> None:
+        job = p.job
+        if job.abandoned:
+            return
+        job.scores[p.index] = score
+        job.tokens += p.length
+        job.remaining -= 1
+        if job.remaining == 0:
+            queue_s = (job.started or job.submitted) - job.submitted
+            job.future.set_result(BatchResult(job.scores, job.tokens, queue_s, job.inference_s))
+
+    def _fail(self, batch: list[_Pending[Item]], exc: Exception) -> None:
+        failed = {id(p.job): p.job for p in batch}
+        for job in failed.values():
+            if not job.abandoned:
+                job.future.set_exception(exc)
+        # The rest of a failed caller's pairs would be wasted work.
+        self._pending = [p for p in self._pending if id(p.job) not in failed]

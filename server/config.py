@@ -1,0 +1,129 @@
+"""The one configuration object: CLI flags whose defaults come from RERANKER_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+DEFAULT_MODEL = "BAAI/bge-reranker-base"
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    fp16: bool | None = None  # None: fp16 on CUDA, fp32 on CPU
+    host: str = "0.0.0.0"
+    port: int = 50051
+    max_length: int = 512
+    batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 2.0
+    max_queue_pairs: int = 8192
+    max_candidates: int = 1000
+    max_text_chars: int = 20000
+    threads: int = 0  # torch intra-op threads; 0 = one per core
+    grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        positive = ("port", "max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_queue_pairs < self.max_candidates:
+            raise ConfigError(
+                f"max_queue_pairs ({self.max_queue_pairs}) must be at least max_candidates "
+                f"({self.max_candidates}), or a full-size request could never be queued"
+            )
+        if self.max_batch_tokens < self.max_length:
+            raise ConfigError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length})"
+            )
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+def _env_name(field: str) -> str:
+    return "RERANKER_" + field.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r}")
+
+
+def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
+    """Config defaults overridden by RERANKER_<FIELD> variables, converted to each field's type."""
+    values: dict[str, object] = {}
+    for f in fields(Config):
+        raw = env.get(_env_name(f.name))
+        default = f.default
+        if raw is None or raw == "":
+            values[f.name] = default
+        elif f.name == "fp16":
+            values[f.name] = None if raw.strip().lower() == "auto" else _parse_bool(raw)
+        else:
+            try:
+                values[f.name] = type(default)(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from None
+    return values
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The server's flags; every default comes from RERANKER_* environment variables."""
+    d = _env_defaults(os.environ if env is None else env)
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="gRPC reranking service (FlagEmbedding cross-encoders). "
+        "Every flag defaults to the RERANKER_<FLAG> environment variable, e.g. RERANKER_MODEL.",
+    )
+    p.add_argument("--model", default=d["model"], help="Hugging Face model id or local model directory (%(default)s)")
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (%(default)s)")
+    p.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=d["fp16"],
+        help="half precision; default: on for CUDA, off for CPU",
+    )
+    p.add_argument("--host", default=d["host"], help="address to bind (%(default)s)")
+    p.add_argument("--port", type=int, default=d["port"], help="gRPC port; 0 picks a free one (%(default)s)")
+    p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per pair (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per forward pass (%(default)s)")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=d["max_batch_tokens"], help="padded tokens per forward pass (%(default)s)"
+    )
+    p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
+    p.add_argument(
+        "--max-queue-pairs", type=int, default=d["max_queue_pairs"], help="queued pairs before refusing (%(default)s)"
+    )
+    p.add_argument(
+        "--max-candidates", type=int, default=d["max_candidates"], help="candidates or pairs per request (%(default)s)"
+    )
+    p.add_argument("--max-text-chars", type=int, default=d["max_text_chars"], help="characters per text (%(default)s)")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads; 0 = all cores (%(default)s)")
+    p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
+    p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")
+    return p
+
+
+def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Parse flags (falling back to RERANKER_* variables) into a Config."""
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    try:
+        return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,35 @@
+"""The one table from error kinds to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from server.batcher import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """A request that breaks a rule; the message names the rule and the limit."""
+
+
+class NotReady(RuntimeError):
+    """The model is still loading or the server is stopping."""
+
+
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and caller-facing message for `exc`; unexpected errors are logged and kept short."""
+    for kind, code in STATUS_BY_ERROR.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

@@ -1,0 +1,146 @@
+"""The Reranker servicer: validate, convert to pairs, score through the batcher, rank, respond."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from reranker_proto import reranker_pb2 as pb
+from reranker_proto import reranker_pb2_grpc as pb_grpc
+from server import __version__
+from server.batcher import Batcher
+from server.config import Config
+from server.errors import InvalidRequest, NotReady, status_for
+
+
+class Engine(Protocol):
+    """What the servicer needs from the model layer."""
+
+    name: str
+    device: str
+    dtype: str
+    max_length: int
+
+    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A loaded model and the batcher in front of it."""
+
+    engine: Engine
+    batcher: Batcher[Any]
+    tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
+
+
+def sigmoid(x: float) -> float:
+    if x < -700.0:  # math.exp overflows past ~709
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _check_text(text: str, what: str, limit: int) -> None:
+    if not text.strip():
+        raise InvalidRequest(f"{what} is empty")
+    if len(text) > limit:
+        raise InvalidRequest(f"{what} has {len(text)} characters; the limit is {limit}")
+
+
+def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (query, passage) pairs and their documents, or InvalidRequest naming the broken rule."""
+    if req.pairs and (req.query or req.candidates):
+        raise InvalidRequest("use either query + candidates or pairs, not both")
+    count = len(req.pairs) or len(req.candidates)
+    if count == 0:
+        if req.query and not req.query.strip():
+            raise InvalidRequest("query is empty")
+        raise InvalidRequest("no candidates: send query + candidates, or pairs")
+    if count > config.max_candidates:
+        raise InvalidRequest(f"{count} candidates/pairs; the limit is {config.max_candidates} per request")
+    if req.max_length > config.max_length:
+        raise InvalidRequest(f"max_length {req.max_length} is above the server's limit of {config.max_length} tokens")
+    if req.pairs:
+        for i, p in enumerate(req.pairs):
+            _check_text(p.query, f"pairs[{i}].query", config.max_text_chars)
+            _check_text(p.passage, f"pairs[{i}].passage", config.max_text_chars)
+        return [(p.query, p.passage) for p in req.pairs], [p.passage for p in req.pairs]
+    _check_text(req.query, "query", config.max_text_chars)
+    for i, c in enumerate(req.candidates):
+        _check_text(c, f"candidates[{i}]", config.max_text_chars)
+    return [(req.query, c) for c in req.candidates], list(req.candidates)
+
+
+def build_response(
+    req: pb.RerankRequest, documents: list[str], raw: list[float], model: str, usage: pb.Usage
+) -> pb.RerankResponse:
+    scores = [sigmoid(s) for s in raw] if req.normalize else raw
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
+    if req.top_n:
+        order = order[: req.top_n]
+    results = [
+        pb.RankedCandidate(index=i, score=scores[i], document=documents[i] if req.return_documents else "")
+        for i in order
+    ]
+    return pb.RerankResponse(scores=scores, results=results, model=model, usage=usage)
+
+
+class RerankerService(pb_grpc.RerankerServicer):
+    """Answers Rerank and GetModelInfo; `scoring` is None until the model has loaded."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.scoring: Scoring | None = None
+
+    def _ready(self) -> Scoring:
+        if self.scoring is None:
+            raise NotReady("the model is still loading; retry shortly")
+        return self.scoring
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        return await _answer(context, lambda: self._rerank(request))
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        return await _answer(context, self._model_info)
+
+    async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
+        pairs, documents = request_pairs(req, self.config)
+        scoring = self._ready()
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(scoring.tokenize_pool, scoring.engine.encode, pairs, req.max_length or None)
+        result = await scoring.batcher.submit(encoded)
+        usage = pb.Usage(
+            pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
+        )
+        return build_response(req, documents, result.scores, self.config.model, usage)
+
+    async def _model_info(self) -> pb.GetModelInfoResponse:
+        engine = self._ready().engine
+        c = self.config
+        return pb.GetModelInfoResponse(
+            model=c.model,
+            device=engine.device,
+            dtype=engine.dtype,
+            max_length=engine.max_length,
+            limits=pb.RequestLimits(
+                max_candidates=c.max_candidates, max_text_chars=c.max_text_chars, max_length=c.max_length
+            ),
+            version=__version__,
+            batch_size=c.batch_size,
+        )
+
+
+async def _answer(context: grpc.aio.ServicerContext, handler: Callable[[], Any]) -> Any:
+    """Run `handler`, turning any error into the status the error table gives it."""
+    try:
+        return await handler()
+    except Exception as exc:
+        code, message = status_for(exc)
+        await context.abort(code, message)
