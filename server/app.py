@@ -70,8 +70,16 @@ class RerankServer:
         log.info(
             "serving model=%s device=%s dtype=%s port=%d max_length=%d batch_size=%d max_batch_tokens=%d "
             "max_candidates=%d max_text_chars=%d max_queue_pairs=%d",
-            c.model, engine.device, engine.dtype, self.port, c.max_length, c.batch_size,  # type: ignore[attr-defined]
-            c.max_batch_tokens, c.max_candidates, c.max_text_chars, c.max_queue_pairs,
+            c.model,
+            engine.device,
+            engine.dtype,
+            self.port,
+            c.max_length,
+            c.batch_size,  # type: ignore[attr-defined]
+            c.max_batch_tokens,
+            c.max_candidates,
+            c.max_text_chars,
+            c.max_queue_pairs,
         )
 
     async def start(self) -> int:

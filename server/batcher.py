@@ -194,7 +194,7 @@ class Batcher(Generic[Item]):
             self._on_batch(len(batch), sum(p.length for p in batch), elapsed)
         for job in {id(p.job): p.job for p in batch}.values():
             job.inference_s += elapsed
-        for p, score in zip(batch, scores):
+        for p, score in zip(batch, scores, strict=True):
             self._deliver(p, score)
 
     def _deliver(self, p: _Pending[Item], score: float) -> None:

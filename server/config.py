@@ -33,7 +33,9 @@ class Config:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        positive = ("port", "max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+        positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -102,7 +104,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per pair (%(default)s)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per forward pass (%(default)s)")
     p.add_argument(
-        "--max-batch-tokens", type=int, default=d["max_batch_tokens"], help="padded tokens per forward pass (%(default)s)"
+        "--max-batch-tokens",
+        type=int,
+        default=d["max_batch_tokens"],
+        help="padded tokens per forward pass (%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
     p.add_argument(

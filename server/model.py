@@ -65,8 +65,10 @@ def resolve_model_path(model: str) -> str:
     if os.path.isdir(expanded):
         return expanded
     if os.path.isabs(expanded) or model.startswith((".", "~")) or os.path.exists(expanded) or model.count("/") > 1:
-        raise ModelLoadError(f"model directory {model!r} does not exist. Pass --model with a directory that holds "
-                             "config.json, the tokenizer files and the weights.")
+        raise ModelLoadError(
+            f"model directory {model!r} does not exist. Pass --model with a directory that holds "
+            "config.json, the tokenizer files and the weights."
+        )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -143,7 +145,9 @@ class RerankerModel:
                 max_length=config.max_length,
             )
         except OSError as exc:
-            raise ModelLoadError(f"could not load model {config.model!r}: {exc}. {_offline_help(config.model)}") from None
+            raise ModelLoadError(
+                f"could not load model {config.model!r}: {exc}. {_offline_help(config.model)}"
+            ) from None
         except Exception as exc:  # a checkpoint FlagReranker cannot use
             raise ModelLoadError(f"could not load model {config.model!r} as a reranker: {exc}") from None
         limit = _model_token_limit(self.flag)
@@ -168,7 +172,7 @@ class RerankerModel:
             [p[1] for p in pairs], add_special_tokens=False, max_length=max_length, truncation=True
         )["input_ids"]
         out = []
-        for q, d in zip(queries, passages):
+        for q, d in zip(queries, passages, strict=True):
             item = prepare_for_model_compat(
                 self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
             )

@@ -114,7 +114,9 @@ class RerankerService(pb_grpc.RerankerServicer):
         pairs, documents = request_pairs(req, self.config)
         scoring = self._ready()
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(scoring.tokenize_pool, scoring.engine.encode, pairs, req.max_length or None)
+        encoded = await loop.run_in_executor(
+            scoring.tokenize_pool, scoring.engine.encode, pairs, req.max_length or None
+        )
         result = await scoring.batcher.submit(encoded)
         usage = pb.Usage(
             pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random-weight cross-encoder built once per session, and real gRPC servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from reranker_proto import reranker_pb2_grpc as pb_grpc  # noqa: E402
+from server.app import RerankServer  # noqa: E402
+from server.config import Config  # noqa: E402
+from tools.make_model import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-reranker"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir: Path) -> Any:
+    from server.model import RerankerModel
+
+    return RerankerModel(test_config(model_dir))
+
+
+@pytest.fixture(scope="session")
+def flag_reranker(model_dir: Path) -> Any:
+    """FlagEmbedding's own reranker on the same weights: the reference every score is checked against."""
+    from FlagEmbedding import FlagReranker
+
+    return FlagReranker(str(model_dir), devices=["cpu"], use_fp16=False)
+
+
+def test_config(model_dir: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "grace_s": 2.0}
+    values.update(overrides)
+    return Config(**values)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture
+async def server(model_dir: Path, engine: Any) -> AsyncIterator[RerankServer]:
+    srv = RerankServer(test_config(model_dir), engine=engine)
+    await srv.start()
+    yield srv
+    await srv.stop(0)
+
+
+@pytest.fixture
+async def channel(server: RerankServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.RerankerStub:
+    return pb_grpc.RerankerStub(channel)

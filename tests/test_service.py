@@ -1,0 +1,133 @@
+"""The Rerank and GetModelInfo RPCs end to end: real server, real channel, real FlagEmbedding path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from reranker_proto import reranker_pb2 as pb
+from reranker_proto import reranker_pb2_grpc as pb_grpc
+from server import __version__
+
+QUERY = "what is panda?"
+CANDIDATES = [
+    "hi",
+    "The giant panda (Ailuropoda melanoleuca), sometimes called a panda bear or simply panda, "
+    "is a bear species endemic to China.",
+    "The quick brown fox jumps over the lazy dog.",
+    "今天天气怎么样",
+    "gRPC is a remote procedure call framework; protobuf describes its messages.",
+    "Numbers like 3.14159 and 2026 appear in text too. " * 20,
+]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+async def test_candidates_scores_equal_flag_reranker(
+    stub: pb_grpc.RerankerStub, flag_reranker: Any, normalize: bool
+) -> None:
+    resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, normalize=normalize))
+    expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=normalize)
+    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert len(set(resp.scores)) == len(CANDIDATES)  # the tiny model tells the candidates apart
+    if normalize:
+        assert all(0.0 <= s <= 1.0 for s in resp.scores)
+    else:
+        assert any(s < 0.0 for s in resp.scores)  # raw logits, not probabilities
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+async def test_pairs_scores_equal_flag_reranker(
+    stub: pb_grpc.RerankerStub, flag_reranker: Any, normalize: bool
+) -> None:
+    pairs = [(f"query {i % 3}", c) for i, c in enumerate(CANDIDATES)]
+    resp = await stub.Rerank(
+        pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs], normalize=normalize)
+    )
+    expected = flag_reranker.compute_score([list(p) for p in pairs], normalize=normalize)
+    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+
+
+async def test_max_length_truncates_like_flag_reranker(stub: pb_grpc.RerankerStub, flag_reranker: Any) -> None:
+    resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, max_length=16))
+    expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], max_length=16)
+    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert resp.usage.tokens <= 16 * len(CANDIDATES)
+
+
+async def test_results_ranked_best_first_and_cut_to_top_n(stub: pb_grpc.RerankerStub) -> None:
+    full = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES))
+    ranked = sorted(range(len(CANDIDATES)), key=lambda i: -full.scores[i])
+    assert [r.index for r in full.results] == ranked
+    assert [r.score for r in full.results] == [full.scores[i] for i in ranked]
+    assert all(r.document == "" for r in full.results)
+
+    top = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, top_n=2, return_documents=True))
+    assert [r.index for r in top.results] == ranked[:2]
+    assert [r.document for r in top.results] == [CANDIDATES[i] for i in ranked[:2]]
+    assert len(top.scores) == len(CANDIDATES)  # input-order scores are never cut
+
+
+async def test_response_carries_model_and_usage(stub: pb_grpc.RerankerStub, model_dir: Any) -> None:
+    resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES[:3]))
+    assert resp.model == str(model_dir)
+    assert resp.usage.pairs == 3
+    assert resp.usage.tokens > 3
+    assert resp.usage.inference_ms > 0
+    assert resp.usage.queue_ms >= 0
+
+
+async def test_model_info(stub: pb_grpc.RerankerStub, model_dir: Any) -> None:
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.model, info.device, info.dtype) == (str(model_dir), "cpu", "float32")
+    assert info.max_length == 512
+    assert info.limits.max_candidates == 1000
+    assert info.limits.max_text_chars == 20000
+    assert info.version == __version__
+
+
+LONG = "x" * 20001
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"query": "", "candidates": ["a"]}, "query is empty"),
+        ({"query": "   ", "candidates": ["a"]}, "query is empty"),
+        ({"query": "q"}, "no candidates"),
+        ({}, "no candidates"),
+        ({"query": "q", "candidates": ["a", ""]}, "candidates[1] is empty"),
+        ({"query": "q", "candidates": ["a"], "pairs": [pb.Pair(query="q", passage="a")]}, "not both"),
+        ({"candidates": ["a"], "pairs": [pb.Pair(query="q", passage="a")]}, "not both"),
+        ({"pairs": [pb.Pair(query="", passage="a")]}, "pairs[0].query is empty"),
+        ({"pairs": [pb.Pair(query="q", passage="")]}, "pairs[0].passage is empty"),
+        ({"query": "q", "candidates": ["a"] * 1001}, "the limit is 1000"),
+        ({"query": "q", "candidates": ["a", LONG]}, "candidates[1] has 20001 characters; the limit is 20000"),
+        ({"query": LONG, "candidates": ["a"]}, "query has 20001 characters; the limit is 20000"),
+        ({"query": "q", "candidates": ["a"], "max_length": 513}, "max_length 513 is above the server's limit of 512"),
+    ],
+)
+async def test_invalid_requests_are_refused_with_the_rule(
+    stub: pb_grpc.RerankerStub, request_kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Rerank(pb.RerankRequest(**request_kwargs))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    # ...and the server goes on serving.
+    ok = await stub.Rerank(pb.RerankRequest(query="q", candidates=["a"]))
+    assert len(ok.scores) == 1
+
+
+async def test_unexpected_error_is_internal_without_traceback(
+    server: Any, stub: pb_grpc.RerankerStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(pairs: Any, max_length: Any = None) -> Any:
+        raise KeyError("secret detail")
+
+    monkeypatch.setattr(server.service.scoring.engine, "encode", broken)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Rerank(pb.RerankRequest(query="q", candidates=["a"]))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "Traceback" not in err.value.details() and "secret detail" not in err.value.details()
