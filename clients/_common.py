@@ -201,7 +201,7 @@ def health_status(resp: health_pb2.HealthCheckResponse) -> str:
 class Retry:
     """gRPC's own retry policy, for UNAVAILABLE only; every attempt counts against the call's deadline."""
 
-    max_attempts: int = 5  # gRPC caps this at 5
+    max_attempts: int = 5  # gRPC caps this at 5; 1 turns retries off
     initial_backoff_s: float = 0.2  # attempt n waits a random time in [0, min(initial * 2^(n-1), max)]
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
@@ -244,23 +244,16 @@ def _ip_family(target: str) -> str:
 
 def service_config(retry: Retry) -> str:
     """round_robin over every resolved address, and the retry policy for the reranker and health services."""
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE_NAME}, {"service": HEALTH_SERVICE_NAME}],
-                    "retryPolicy": {
-                        "maxAttempts": retry.max_attempts,
-                        "initialBackoff": f"{retry.initial_backoff_s}s",
-                        "maxBackoff": f"{retry.max_backoff_s}s",
-                        "backoffMultiplier": retry.multiplier,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
+    method: dict[str, object] = {"name": [{"service": SERVICE_NAME}, {"service": HEALTH_SERVICE_NAME}]}
+    if retry.max_attempts > 1:  # gRPC rejects a retry policy of one attempt
+        method["retryPolicy"] = {
+            "maxAttempts": retry.max_attempts,
+            "initialBackoff": f"{retry.initial_backoff_s}s",
+            "maxBackoff": f"{retry.max_backoff_s}s",
+            "backoffMultiplier": retry.multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    )
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
 
 
 def channel_options(retry: Retry, keepalive_s: float, tls_server_name: str | None) -> list[tuple[str, object]]:
