@@ -114,8 +114,11 @@ async def test_api_key_is_sent_as_bearer_metadata() -> None:
         await srv.stop(0)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-async def test_tls_with_root_certificates_and_api_key(tmp_path: Path) -> None:
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[bytes, bytes]:
+    """A self-signed (key, certificate) for localhost, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
@@ -124,11 +127,16 @@ async def test_tls_with_root_certificates_and_api_key(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
     )  # fmt: skip
-    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    return key.read_bytes(), cert.read_bytes()
+
+
+async def test_tls_with_root_certificates_and_api_key(tls_cert: tuple[bytes, bytes]) -> None:
+    key, cert = tls_cert
+    credentials = grpc.ssl_server_credentials([(key, cert)])
     srv, port = await _key_checking_server(credentials)
     try:
         async with AsyncRerankerClient(
-            f"127.0.0.1:{port}", root_certificates=cert.read_bytes(), tls_server_name="localhost", api_key="s3cret"
+            f"127.0.0.1:{port}", root_certificates=cert, tls_server_name="localhost", api_key="s3cret"
         ) as client:
             assert (await client.model_info()).model == "keyed"
         # The same server refuses a plaintext client.
