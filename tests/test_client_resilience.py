@@ -146,4 +146,3 @@ async def test_tls_with_root_certificates_and_api_key(tls_cert: tuple[bytes, byt
         assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         await srv.stop(0)
-
