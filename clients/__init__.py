@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clients.python_client import (  # noqa: F401
+        AsyncRerankerClient,
+        AuthenticationError,
+        DeadlineExceededError,
+        InvalidRequestError,
+        ModelInfo,
+        OverloadedError,
+        RankedResult,
+        RerankerClient,
+        RerankerError,
+        RerankResult,
+        Retry,
+        UnavailableError,
+        Usage,
+    )
 
 # Imported lazily so `python -m clients.python_client` runs the module once, without a runpy warning.
 _EXPORTS = {

@@ -265,6 +265,8 @@ def channel_options(retry: Retry, keepalive_s: float, tls_server_name: str | Non
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 0),
+        # Drop connections idle for 4 minutes, before load balancers and NATs silently do (often ~5 minutes).
+        ("grpc.client_idle_timeout_ms", 240_000),
         # Reconnect quickly after a replica restarts, then back off to a few seconds.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.min_reconnect_backoff_ms", 200),

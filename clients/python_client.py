@@ -129,9 +129,9 @@ class RerankerClient(_Base):
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: object, timeout: float | None, **extra: Any) -> T:
+    def _call(self, method: Callable[..., T], request: object, timeout: float | None) -> T:
         try:
-            return method(request, **self._kwargs(timeout), **extra)
+            return method(request, **self._kwargs(timeout))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
 
@@ -184,7 +184,7 @@ class RerankerClient(_Base):
         while (left := timeout - (time.monotonic() - start)) > 0:
             try:
                 req = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-                last = health_status(self._call(self._health.Check, req, left, wait_for_ready=True))
+                last = health_status(self._call(self._health.Check, req, left))
                 if last == "SERVING":
                     return
             except RerankerError as exc:
@@ -218,11 +218,9 @@ class AsyncRerankerClient(_Base):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(
-        self, method: Callable[..., Awaitable[T]], request: object, timeout: float | None, **extra: Any
-    ) -> T:
+    async def _call(self, method: Callable[..., Awaitable[T]], request: object, timeout: float | None) -> T:
         try:
-            return await method(request, **self._kwargs(timeout), **extra)
+            return await method(request, **self._kwargs(timeout))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
 
@@ -275,7 +273,7 @@ class AsyncRerankerClient(_Base):
         while (left := timeout - (time.monotonic() - start)) > 0:
             try:
                 req = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-                last = health_status(await self._call(self._health.Check, req, left, wait_for_ready=True))
+                last = health_status(await self._call(self._health.Check, req, left))
                 if last == "SERVING":
                     return
             except RerankerError as exc:
