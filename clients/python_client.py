@@ -88,6 +88,12 @@ class _Base:
             retry=retry,
             keepalive_s=keepalive_s,
         )
+        self._channel = self._open(self._spec)
+        self._stub = pb_grpc.RerankerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _open(self, spec: ChannelSpec) -> Any:
+        raise NotImplementedError
 
     @property
     def target(self) -> str:
@@ -110,15 +116,10 @@ class RerankerClient(_Base):
     "ip:port" replicas. `timeout` is the default deadline of every call, retries included.
     """
 
-    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        s = self._spec
-        if s.credentials is None:
-            self._channel = grpc.insecure_channel(s.target, options=s.options)
-        else:
-            self._channel = grpc.secure_channel(s.target, s.credentials, options=s.options)
-        self._stub = pb_grpc.RerankerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    def _open(self, spec: ChannelSpec) -> grpc.Channel:
+        if spec.credentials is None:
+            return grpc.insecure_channel(spec.target, options=spec.options)
+        return grpc.secure_channel(spec.target, spec.credentials, options=spec.options)
 
     def __enter__(self) -> RerankerClient:
         return self
@@ -199,15 +200,10 @@ class AsyncRerankerClient(_Base):
     Same arguments and methods as RerankerClient, as coroutines. Create it inside the running event loop.
     """
 
-    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
-        s = self._spec
-        if s.credentials is None:
-            self._channel = grpc.aio.insecure_channel(s.target, options=s.options)
-        else:
-            self._channel = grpc.aio.secure_channel(s.target, s.credentials, options=s.options)
-        self._stub = pb_grpc.RerankerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    def _open(self, spec: ChannelSpec) -> grpc.aio.Channel:
+        if spec.credentials is None:
+            return grpc.aio.insecure_channel(spec.target, options=spec.options)
+        return grpc.aio.secure_channel(spec.target, spec.credentials, options=spec.options)
 
     async def __aenter__(self) -> AsyncRerankerClient:
         return self
