@@ -1,0 +1,5 @@
+"""`python -m clients` is the same command line as `python -m clients.python_client`."""
+
+from clients.cli import main
+
+main()
