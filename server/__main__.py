@@ -9,6 +9,7 @@ import sys
 
 from server.app import RerankServer
 from server.config import Config, load_config
+from server.logs import setup_logging
 
 log = logging.getLogger("server")
 
@@ -19,7 +20,18 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.bind()
+    try:
+        await server.bind()
+    except Exception as exc:  # port in use, unreadable certificate, ...
+        log.error(
+            "cannot start: cannot listen on %s (grpc %d, metrics %d): %s",
+            config.host,
+            config.port,
+            config.metrics_port,
+            exc,
+        )
+        await server.stop(0)
+        return 1
     loading = asyncio.ensure_future(server.load())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -43,9 +55,7 @@ async def serve(config: Config) -> int:
 
 def main() -> None:
     config = load_config()
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(config.log_level, config.log_json)
     sys.exit(asyncio.run(serve(config)))
 
 

@@ -13,14 +13,38 @@ from grpc_reflection.v1alpha import reflection
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
+from server import __version__
 from server.batcher import Batcher, BatchLimits
 from server.config import Config
+from server.interceptors import ServerInterceptor
+from server.logs import fields
+from server.metrics import Metrics
 from server.service import RerankerService, Scoring
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name  # reranker.v1.Reranker
 HEALTH_SERVICES = ("", SERVICE_NAME)
+MAX_RECEIVE_CAP = 256 * 1024 * 1024
+_FIELD_OVERHEAD = 16  # protobuf tag + length varint, per text and per pair message
+
+
+def max_receive_bytes(config: Config) -> int:
+    """The largest valid request (pairs form, every text at its limit, 4 UTF-8 bytes a character), capped."""
+    text = config.max_text_chars * 4 + _FIELD_OVERHEAD
+    largest = config.max_candidates * (2 * text + _FIELD_OVERHEAD) + 64 * 1024  # + the small fields
+    return min(largest, MAX_RECEIVE_CAP)
+
+
+def _server_credentials(config: Config) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key), read(config.tls_cert))], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 class RerankServer:
@@ -29,10 +53,17 @@ class RerankServer:
     def __init__(self, config: Config, engine: object | None = None) -> None:
         self.config = config
         self._engine = engine  # tests pass a loaded model to skip loading
+        self.metrics = Metrics(config)
         self.service = RerankerService(config)
+        self.service.metrics = self.metrics
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server()
+        self.interceptor = ServerInterceptor(config, self.metrics)
+        self.server = grpc.aio.server(
+            interceptors=[self.interceptor],
+            options=[("grpc.max_receive_message_length", max_receive_bytes(config))],
+        )
         self.port = 0
+        self.metrics_port = 0
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._batcher: Batcher[object] | None = None
@@ -47,7 +78,13 @@ class RerankServer:
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls:
+            self.port = self.server.add_secure_port(address, _server_credentials(self.config))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.config.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         await self.server.start()
         return self.port
 
@@ -62,25 +99,41 @@ class RerankServer:
         await loop.run_in_executor(self._infer_pool, engine.warm_up)  # type: ignore[attr-defined]
         c = self.config
         limits = BatchLimits(c.batch_size, c.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs)
-        self._batcher = Batcher(engine.forward, self._infer_pool, limits)  # type: ignore[attr-defined]
+        self._batcher = Batcher(
+            engine.forward,  # type: ignore[attr-defined]
+            self._infer_pool,
+            limits,
+            on_batch=self.metrics.on_batch,
+        )
         self._batcher.start()
+        self.metrics.watch_queue(lambda: self._batcher.queued_pairs if self._batcher else 0)
         self.service.scoring = Scoring(engine, self._batcher, self._tokenize_pool)  # type: ignore[arg-type]
+        device, dtype = str(engine.device), str(engine.dtype)  # type: ignore[attr-defined]
+        self.metrics.model_info.info({"model": c.model, "device": device, "dtype": dtype, "version": __version__})
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving model=%s device=%s dtype=%s port=%d max_length=%d batch_size=%d max_batch_tokens=%d "
-            "max_candidates=%d max_text_chars=%d max_queue_pairs=%d",
-            c.model,
-            engine.device,
-            engine.dtype,
-            self.port,
-            c.max_length,
-            c.batch_size,  # type: ignore[attr-defined]
-            c.max_batch_tokens,
-            c.max_candidates,
-            c.max_text_chars,
-            c.max_queue_pairs,
-        )
+        log.info("serving", extra=fields(model=c.model, device=device, dtype=dtype, **self._startup_fields()))
+
+    def _startup_fields(self) -> dict[str, object]:
+        """Ports and limits for the one startup line; never the API key itself."""
+        c = self.config
+        return {
+            "grpc_port": self.port,
+            "metrics_port": self.metrics_port,
+            "tls": "mutual" if c.tls_client_ca else c.tls,
+            "api_key": bool(c.api_key),
+            "max_length": c.max_length,
+            "batch_size": c.batch_size,
+            "max_batch_tokens": c.max_batch_tokens,
+            "max_wait_ms": c.max_wait_ms,
+            "max_queue_pairs": c.max_queue_pairs,
+            "max_candidates": c.max_candidates,
+            "max_text_chars": c.max_text_chars,
+            "max_receive_bytes": max_receive_bytes(c),
+            "max_concurrent_rpcs": c.max_concurrent_rpcs,
+            "grace_s": c.grace_s,
+            "version": __version__,
+        }
 
     async def start(self) -> int:
         port = await self.bind()
@@ -95,3 +148,4 @@ class RerankServer:
             await self._batcher.stop()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()

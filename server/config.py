@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 
@@ -31,10 +31,24 @@ class Config:
     threads: int = 0  # torch intra-op threads; 0 = one per core
     grace_s: float = 10.0
     log_level: str = "INFO"
+    log_json: bool = False  # one JSON object per log line
+    metrics_port: int = 0  # Prometheus /metrics; 0 = off
+    max_concurrent_rpcs: int = 0  # Rerank/GetModelInfo calls in flight; 0 = no cap
+    api_key: str = field(default="", repr=False)  # "" = no authentication
+    tls_cert: str = ""  # PEM files; both empty = plaintext
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0..65535 (0 turns metrics off), got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(f"metrics_port and port are both {self.port}; give metrics a port of its own")
+        if self.max_concurrent_rpcs < 0:
+            raise ConfigError(f"max_concurrent_rpcs must be 0 (no cap) or positive, got {self.max_concurrent_rpcs}")
+        self._check_security()
         positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -51,6 +65,26 @@ class Config:
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
+    def _check_security(self) -> None:
+        key = self.api_key
+        if key and not (key.isascii() and key.isprintable() and key.strip() == key):
+            raise ConfigError(
+                "api_key must be printable ASCII without surrounding spaces (it travels as gRPC metadata)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_cert else ("--tls-key", "--tls-cert")
+            raise ConfigError(f"{given} is set but {missing} is not: TLS needs both the certificate and its key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{name.replace('_', '-')} {path!r}: no such file")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
 
 def _env_name(field: str) -> str:
     return "RERANKER_" + field.upper()
@@ -62,7 +96,7 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"not a boolean: {text!r}")
+    raise ConfigError("not a boolean: use 1/true/yes/on or 0/false/no/off")
 
 
 def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
@@ -73,8 +107,13 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
         default = f.default
         if raw is None or raw == "":
             values[f.name] = default
-        elif f.name == "fp16":
-            values[f.name] = None if raw.strip().lower() == "auto" else _parse_bool(raw)
+        elif f.name == "fp16" and raw.strip().lower() == "auto":
+            values[f.name] = None
+        elif f.name == "fp16" or isinstance(default, bool):
+            try:
+                values[f.name] = _parse_bool(raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from None
         else:
             try:
                 values[f.name] = type(default)(raw)
@@ -120,6 +159,27 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads; 0 = all cores (%(default)s)")
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
     p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")
+    p.add_argument(
+        "--log-json", action=argparse.BooleanOptionalAction, default=d["log_json"], help="one JSON object per log line"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=d["metrics_port"], help="Prometheus /metrics port; 0 = off (%(default)s)"
+    )
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=d["max_concurrent_rpcs"],
+        help="Rerank/GetModelInfo calls in flight before RESOURCE_EXHAUSTED; 0 = no cap (%(default)s)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=d["api_key"],
+        help="require 'authorization: Bearer KEY' metadata (health and reflection excepted); "
+        "prefer RERANKER_API_KEY, which does not show in the process list",
+    )
+    p.add_argument("--tls-cert", default=d["tls_cert"], help="PEM certificate chain; with --tls-key turns on TLS")
+    p.add_argument("--tls-key", default=d["tls_key"], help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=d["tls_client_ca"], help="PEM CA: require client certificates (mTLS)")
     return p
 
 

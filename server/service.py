@@ -17,6 +17,7 @@ from server import __version__
 from server.batcher import Batcher
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, status_for
+from server.metrics import Metrics
 
 
 class Engine(Protocol):
@@ -96,6 +97,7 @@ class RerankerService(pb_grpc.RerankerServicer):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.scoring: Scoring | None = None
+        self.metrics: Metrics | None = None
 
     def _ready(self) -> Scoring:
         if self.scoring is None:
@@ -118,6 +120,9 @@ class RerankerService(pb_grpc.RerankerServicer):
             scoring.tokenize_pool, scoring.engine.encode, pairs, req.max_length or None
         )
         result = await scoring.batcher.submit(encoded)
+        if self.metrics is not None:
+            self.metrics.queue_seconds.observe(result.queue_s)
+            self.metrics.inference_seconds.observe(result.inference_s)
         usage = pb.Usage(
             pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
         )

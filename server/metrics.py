@@ -1,0 +1,88 @@
+"""Prometheus metrics, one registry per server (tests run several servers in one process)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.process_collector import ProcessCollector
+
+from server.config import Config
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _powers_of_two(low: int, high: int) -> tuple[float, ...]:
+    """low, 2 low, 4 low, ... up to and including `high`."""
+    out: list[float] = []
+    value = low
+    while value < high:
+        out.append(value)
+        value *= 2
+    return (*out, high)
+
+
+class Metrics:
+    """Every reranker_* metric; `serve()` exposes them over HTTP at /metrics."""
+
+    def __init__(self, config: Config) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "reranker_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "reranker_request_seconds", "Time to answer an RPC", ["method"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge("reranker_requests_in_flight", "RPCs being served", registry=r)
+        self.queue_seconds = Histogram(
+            "reranker_queue_seconds",
+            "Time a Rerank's pairs waited before their first forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "reranker_inference_seconds",
+            "Forward-pass time of the batches that scored a Rerank",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "reranker_batch_size",
+            "Pairs per forward pass",
+            buckets=_powers_of_two(1, config.batch_size),
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "reranker_batch_tokens",
+            "Tokens (unpadded) per forward pass",
+            buckets=_powers_of_two(64, config.max_batch_tokens),
+            registry=r,
+        )
+        self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
+        self.model_info = Info("reranker_model", "The model being served", registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+    def on_batch(self, pairs: int, tokens: int, seconds: float) -> None:
+        """The Batcher's hook, called once per forward pass."""
+        self.batch_size.observe(pairs)
+        self.batch_tokens.observe(tokens)
+
+    def watch_queue(self, queued_pairs: Callable[[], int]) -> None:
+        self.queue_pairs.set_function(queued_pairs)  # read at scrape time, nothing on the request path
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on its own thread; returns the port (`port` 0 picks a free one)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (server, thread)
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None
