@@ -1,0 +1,194 @@
+"""API key, TLS and mutual TLS on the real server, with certificates made in the test."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from clients import AsyncRerankerClient, AuthenticationError, RerankerError, Retry
+from reranker_proto import reranker_pb2 as pb
+from reranker_proto import reranker_pb2_grpc as pb_grpc
+from server.app import RerankServer
+from server.config import Config, ConfigError, load_config
+from tests.conftest import test_config
+
+QUERY = "what is panda?"
+CANDIDATES = ["hi", "The giant panda is a bear species endemic to China."]
+KEY = "s3cret-key"
+NO_RETRY = Retry(max_attempts=1)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _issue(
+    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, server: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer or (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if server:
+        alt = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = _issue("test-ca", None, server=False)
+    files: dict[str, bytes] = {"ca.pem": ca_cert.public_bytes(serialization.Encoding.PEM)}
+    for who, server in (("server", True), ("client", False)):
+        cert, key = _issue(who if not server else "localhost", (ca_cert.subject, ca_key), server)
+        files[f"{who}.pem"] = cert.public_bytes(serialization.Encoding.PEM)
+        files[f"{who}-key.pem"] = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return Pki(d / "ca.pem", d / "server.pem", d / "server-key.pem", d / "client.pem", d / "client-key.pem")
+
+
+@pytest.fixture
+async def serve(model_dir: Path, engine: Any) -> AsyncIterator[Any]:
+    started: list[RerankServer] = []
+
+    async def start(**overrides: Any) -> RerankServer:
+        srv = RerankServer(test_config(model_dir, **overrides), engine=engine)
+        await srv.start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        await srv.stop(0)
+
+
+async def test_api_key_guards_the_reranker_but_not_health_or_reflection(serve: Any) -> None:
+    srv = await serve(api_key=KEY)
+    target = f"127.0.0.1:{srv.port}"
+    for key in (None, "wrong", KEY + "x", "", KEY.upper()):
+        async with AsyncRerankerClient(target, api_key=key, retry=NO_RETRY) as client:
+            with pytest.raises(AuthenticationError) as err:
+                await client.rerank(QUERY, CANDIDATES)
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer" in err.value.message
+            with pytest.raises(AuthenticationError):
+                await client.model_info()
+    async with AsyncRerankerClient(target, api_key=KEY) as client:
+        assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
+        assert (await client.model_info()).model == srv.config.model
+    async with AsyncRerankerClient(target) as client:  # no key: health still answers
+        assert await client.health() == "SERVING"
+    async with grpc.aio.insecure_channel(target) as ch:
+        assert (
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        ).status == health_pb2.HealthCheckResponse.SERVING
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert (await call.read()).list_services_response.service
+        await call.done_writing()
+    assert srv.metrics.requests.labels("Rerank", "UNAUTHENTICATED")._value.get() == 5
+
+
+async def test_tls_with_api_key(serve: Any, pki: Pki) -> None:
+    srv = await serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), api_key=KEY)
+    target = f"127.0.0.1:{srv.port}"
+    ca = pki.ca.read_bytes()
+    async with AsyncRerankerClient(target, root_certificates=ca, tls_server_name="localhost", api_key=KEY) as client:
+        assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
+    async with AsyncRerankerClient(target, root_certificates=ca, api_key=KEY) as client:  # the IP is in the SAN too
+        assert (await client.model_info()).model == srv.config.model
+    async with AsyncRerankerClient(target, api_key=KEY, retry=NO_RETRY, timeout=5) as client:  # plaintext
+        with pytest.raises(RerankerError) as err:
+            await client.model_info()
+        assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def _mtls_call(port: int, pki: Pki, with_client_cert: bool) -> pb.GetModelInfoResponse:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes() if with_client_cert else None,
+        certificate_chain=pki.client_cert.read_bytes() if with_client_cert else None,
+    )
+    async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as ch:
+        return await pb_grpc.RerankerStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+
+
+async def test_mutual_tls_needs_a_client_certificate(serve: Any, pki: Pki) -> None:
+    srv = await serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
+    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _mtls_call(srv.port, pki, with_client_cert=False)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model  # still serving
+
+
+def test_security_settings_are_checked(pki: Pki, tmp_path: Path) -> None:
+    cert, key, ca = str(pki.server_cert), str(pki.server_key), str(pki.ca)
+    with pytest.raises(ConfigError, match="--tls-cert is set but --tls-key is not"):
+        Config(tls_cert=cert)
+    with pytest.raises(ConfigError, match="--tls-key is set but --tls-cert is not"):
+        Config(tls_key=key)
+    with pytest.raises(ConfigError, match="--tls-client-ca .* needs --tls-cert"):
+        Config(tls_client_ca=ca)
+    with pytest.raises(ConfigError, match="--tls-key .*missing.pem.*: no such file"):
+        Config(tls_cert=cert, tls_key=str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="api_key must be printable ASCII"):
+        Config(api_key=" spaced ")
+    assert KEY not in repr(Config(api_key=KEY))  # never shows up in a log of the config
+
+
+def test_operations_settings_come_from_flags_and_environment(pki: Pki) -> None:
+    env = {
+        "RERANKER_API_KEY": KEY,
+        "RERANKER_LOG_JSON": "yes",
+        "RERANKER_METRICS_PORT": "9100",
+        "RERANKER_MAX_CONCURRENT_RPCS": "64",
+        "RERANKER_TLS_CERT": str(pki.server_cert),
+        "RERANKER_TLS_KEY": str(pki.server_key),
+    }
+    c = load_config([], env=env)
+    assert (c.api_key, c.log_json, c.metrics_port, c.max_concurrent_rpcs, c.tls) == (KEY, True, 9100, 64, True)
+    c = load_config(["--no-log-json", "--metrics-port", "0", "--api-key", "other"], env=env)
+    assert (c.log_json, c.metrics_port, c.api_key) == (False, 0, "other")
+    for word, value in (("1", True), ("on", True), ("0", False), ("off", False), ("FALSE", False)):
+        assert load_config([], env={"RERANKER_LOG_JSON": word}).log_json is value
+    with pytest.raises(ConfigError, match="RERANKER_LOG_JSON='maybe'.*1/true/yes/on"):
+        load_config([], env={"RERANKER_LOG_JSON": "maybe"})
+    with pytest.raises(ConfigError, match="metrics_port and port are both"):
+        Config(port=9000, metrics_port=9000)
+    with pytest.raises(ConfigError, match="max_concurrent_rpcs must be"):
+        Config(max_concurrent_rpcs=-1)
