@@ -8,7 +8,7 @@ import signal
 import sys
 
 from server.app import RerankServer
-from server.config import Config, load_config
+from server.config import Config, ConfigError, load_config
 from server.logs import setup_logging
 
 log = logging.getLogger("server")
@@ -22,14 +22,8 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.bind()
-    except Exception as exc:  # port in use, unreadable certificate, ...
-        log.error(
-            "cannot start: cannot listen on %s (grpc %d, metrics %d): %s",
-            config.host,
-            config.port,
-            config.metrics_port,
-            exc,
-        )
+    except ConfigError as exc:  # port in use, unreadable certificate, ...
+        log.error("cannot start: %s", exc)
         await server.stop(0)
         return 1
     loading = asyncio.ensure_future(server.load())

@@ -15,7 +15,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.batcher import Batcher, BatchLimits
-from server.config import Config
+from server.config import Config, ConfigError
 from server.interceptors import ServerInterceptor
 from server.logs import fields
 from server.metrics import Metrics
@@ -36,15 +36,23 @@ def max_receive_bytes(config: Config) -> int:
     return min(largest, MAX_RECEIVE_CAP)
 
 
-def _server_credentials(config: Config) -> grpc.ServerCredentials:
-    def read(path: str) -> bytes:
+def _read_pem(path: str, flag: str, marker: bytes) -> bytes:
+    """The file's bytes; ConfigError unless it is readable PEM of the right kind (gRPC's own error is vague)."""
+    try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path!r}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data or marker not in data:
+        raise ConfigError(f"{flag} {path!r} is not a PEM file with a {marker.decode().strip('- ')}")
+    return data
 
-    ca = read(config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(read(config.tls_key), read(config.tls_cert))], root_certificates=ca, require_client_auth=ca is not None
-    )
+
+def _server_credentials(c: Config) -> grpc.ServerCredentials:
+    cert = _read_pem(c.tls_cert, "--tls-cert", b"CERTIFICATE-----")
+    key = _read_pem(c.tls_key, "--tls-key", b"PRIVATE KEY-----")
+    ca = _read_pem(c.tls_client_ca, "--tls-client-ca", b"CERTIFICATE-----") if c.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class RerankServer:
@@ -78,13 +86,23 @@ class RerankServer:
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls:
-            self.port = self.server.add_secure_port(address, _server_credentials(self.config))
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.config.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        c = self.config
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls:
+                self.port = self.server.add_secure_port(address, _server_credentials(c))
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            raise ConfigError(
+                f"cannot listen on {address} for gRPC: the port is in use or the address is not this machine's"
+                + (", or the TLS certificate and key do not match" if c.tls else "")
+            ) from None
+        if c.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc.strerror}") from None
         await self.server.start()
         return self.port
 

@@ -6,6 +6,9 @@ import asyncio
 import io
 import json
 import logging
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from server.logs import JsonFormatter, TextFormatter
 from tests.conftest import test_config
 from tests.ops_helpers import GatedEngine, free_port, sample, scrape, until
 
+ROOT = Path(__file__).resolve().parent.parent
 QUERY = "what is panda?"
 CANDIDATES = ["hi", "The giant panda is a bear species endemic to China."]
 RERANK = pb.RerankRequest(query=QUERY, candidates=CANDIDATES)
@@ -218,3 +222,20 @@ async def test_concurrent_rpc_cap_refuses_the_excess_but_not_health(gated: tuple
         for call in held:
             assert len((await call).scores) == 2
         assert len((await stub.Rerank(RERANK)).scores) == 2  # the slot is free again
+
+
+def test_a_busy_metrics_port_stops_startup_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--model", str(tmp_path)]
+            + ["--metrics-port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in proc.stderr

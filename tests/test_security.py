@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from server.app import RerankServer
 from server.config import Config, ConfigError, load_config
 from tests.conftest import test_config
 
+ROOT = Path(__file__).resolve().parent.parent
 QUERY = "what is panda?"
 CANDIDATES = ["hi", "The giant panda is a bear species endemic to China."]
 KEY = "s3cret-key"
@@ -192,3 +195,18 @@ def test_operations_settings_come_from_flags_and_environment(pki: Pki) -> None:
         Config(port=9000, metrics_port=9000)
     with pytest.raises(ConfigError, match="max_concurrent_rpcs must be"):
         Config(max_concurrent_rpcs=-1)
+
+
+def test_a_file_that_is_not_a_certificate_stops_startup_with_a_clear_message(pki: Pki, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--model", str(tmp_path)]
+        + ["--tls-cert", str(bogus), "--tls-key", str(pki.server_key)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "cannot start: --tls-cert" in proc.stderr and "is not a PEM file with a CERTIFICATE" in proc.stderr
