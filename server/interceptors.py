@@ -120,4 +120,4 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         m.in_flight.dec()
         m.requests.labels(method, code.name).inc()
         m.request_seconds.labels(method).observe(seconds)
-        access_log.info("rpc", extra=fields(method=method, code=code.name, ms=seconds * 1e3, pairs=pairs))
+        access_log.info("rpc", extra=fields(method=method, code=code.name, ms=round(seconds * 1e3, 2), pairs=pairs))
