@@ -42,6 +42,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {config.api_key}".encode() if config.api_key else None
         self._cap = config.max_concurrent_rpcs
         self._metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not per call
         self.in_flight = 0
 
     async def intercept_service(
@@ -56,18 +57,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if method_path.startswith(OPEN_PREFIXES):
             access_log.debug("rpc", extra=fields(method=method_path))
             return handler
-        if handler.unary_unary is None:
-            # Only unary RPCs are wrapped; anything else would bypass the API key, so it is not served.
-            access_log.error("refusing %s: the interceptor only wraps unary RPCs", method_path)
-            return None
-        method = method_path.rpartition("/")[2]
+        wrapped = self._wrapped.get(method_path)
+        if wrapped is None:
+            if handler.unary_unary is None:
+                # Only unary RPCs are wrapped; anything else would bypass the API key, so it is not served.
+                access_log.error("refusing %s: the interceptor only wraps unary RPCs", method_path)
+                return None
+            wrapped = self._wrapped[method_path] = self._wrap(handler, method_path.rpartition("/")[2])
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior: Behavior = handler.unary_unary
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
             return await self._serve(behavior, method, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            wrapped,
+            serve,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
