@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,8 @@ class Config:
             raise ConfigError(f"metrics_port and port are both {self.port}; give metrics a port of its own")
         if self.max_concurrent_rpcs < 0:
             raise ConfigError(f"max_concurrent_rpcs must be 0 (no cap) or positive, got {self.max_concurrent_rpcs}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         self._check_security()
         positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
         for name in positive:

@@ -202,7 +202,12 @@ async def test_passed_deadline_drops_queued_pairs_and_the_server_keeps_serving(
         assert len((await stub.Rerank(RERANK)).scores) == 2
     assert srv._batcher.stats.dropped_pairs == 3  # never scored
     assert srv._batcher.stats.pairs == 4
-    assert srv.metrics.requests.labels("Rerank", "DEADLINE_EXCEEDED")._value.get() == 1
+    assert (
+        srv.metrics.registry.get_sample_value(
+            "reranker_requests_total", {"method": "Rerank", "code": "DEADLINE_EXCEEDED"}
+        )
+        == 1
+    )
 
 
 async def test_concurrent_rpc_cap_refuses_the_excess_but_not_health(gated: tuple[RerankServer, GatedEngine]) -> None:

@@ -123,7 +123,12 @@ async def test_api_key_guards_the_reranker_but_not_health_or_reflection(serve: A
         await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
         assert (await call.read()).list_services_response.service
         await call.done_writing()
-    assert srv.metrics.requests.labels("Rerank", "UNAUTHENTICATED")._value.get() == 5
+    assert (
+        srv.metrics.registry.get_sample_value(
+            "reranker_requests_total", {"method": "Rerank", "code": "UNAUTHENTICATED"}
+        )
+        == 5
+    )
 
 
 async def test_tls_with_api_key(serve: Any, pki: Pki) -> None:
@@ -195,6 +200,9 @@ def test_operations_settings_come_from_flags_and_environment(pki: Pki) -> None:
         Config(port=9000, metrics_port=9000)
     with pytest.raises(ConfigError, match="max_concurrent_rpcs must be"):
         Config(max_concurrent_rpcs=-1)
+    with pytest.raises(ConfigError, match="log_level must be one of DEBUG, INFO"):
+        Config(log_level="LOUD")
+    assert Config(log_level="debug").log_level == "debug"
 
 
 def test_a_file_that_is_not_a_certificate_stops_startup_with_a_clear_message(pki: Pki, tmp_path: Path) -> None:
