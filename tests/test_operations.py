@@ -191,7 +191,7 @@ async def test_passed_deadline_drops_queued_pairs_and_the_server_keeps_serving(
         gate.gate.clear()
         first = asyncio.ensure_future(stub.Rerank(RERANK, timeout=60))
         await asyncio.to_thread(gate.entered.wait, 30)  # its batch holds the model
-        late = asyncio.ensure_future(stub.Rerank(pb.RerankRequest(query=QUERY, candidates=["a", "b", "c"]), timeout=3))
+        late = asyncio.ensure_future(stub.Rerank(pb.RerankRequest(query=QUERY, candidates=["a", "b", "c"]), timeout=5))
         await until(lambda: srv._batcher is not None and srv._batcher.queued_pairs == 3)  # queued behind it
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await late
