@@ -149,7 +149,7 @@ OPENAPI: dict[str, Any] = {
                             {
                                 "type": "string",
                                 "description": "Python literal, e.g. \"[['what is panda?', 'hi']]\"",
-                                "example": "[['what is panda?', 'hi'], ['what is panda?', 'The giant panda is a bear.']]",
+                                "example": "[['what is panda?', 'hi'], ['what is panda?', 'A panda is a bear.']]",
                             },
                             {
                                 "type": "array",
