@@ -243,7 +243,9 @@ async def health(request: web.Request) -> web.Response:
     up = _upstream(request)
     try:
         resp = await up.health.Check(
-            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=min(5.0, up.config.deadline_s)
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+            timeout=min(5.0, up.config.deadline_s),
+            metadata=_metadata(request),
         )
     except grpc.aio.AioRpcError as exc:
         return web.json_response({"status": exc.code().name, "error": exc.details()}, status=503)
