@@ -72,8 +72,10 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got {_kind(body)}")
     return body

@@ -196,6 +196,8 @@ async def test_malformed_json_and_unknown_routes_get_json_errors(bridge: TestCli
     assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]
     resp = await bridge.post("/rerank", data=b"\xff\xfe\x00")
     assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]
+    resp = await bridge.post("/v1/rerank", data=b"[" * 100_000)
+    assert resp.status == 400 and "nested too deeply" in (await resp.json())["error"]
     resp = await bridge.get("/rerank")
     assert resp.status == 405 and "use POST" in (await resp.json())["error"]
     resp = await bridge.post("/nope", json={})
