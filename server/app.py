@@ -138,6 +138,7 @@ class RerankServer:
         return {
             "grpc_port": self.port,
             "metrics_port": self.metrics_port,
+            "rest_port": c.rest_port,  # the in-process REST bridge (server/__main__.py), 0 = off
             "tls": "mutual" if c.tls_client_ca else c.tls,
             "api_key": bool(c.api_key),
             "max_length": c.max_length,

@@ -32,6 +32,7 @@ class Config:
     threads: int = 0  # torch intra-op threads; 0 = one per core
     grace_s: float = 10.0
     log_level: str = "INFO"
+    rest_port: int = 0  # REST bridge in the same process; 0 = off
     log_json: bool = False  # one JSON object per log line
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     max_concurrent_rpcs: int = 0  # Rerank/GetModelInfo calls in flight; 0 = no cap
@@ -52,6 +53,8 @@ class Config:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         self._check_security()
+        if not 0 <= self.rest_port <= 65535:
+            raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
         positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -79,6 +82,11 @@ class Config:
             raise ConfigError(f"{given} is set but {missing} is not: TLS needs both the certificate and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
+        if self.tls_cert and self.rest_port:
+            raise ConfigError(
+                "--rest-port cannot be combined with --tls-cert: the REST bridge calls gRPC in plaintext; "
+                "put a TLS-terminating proxy in front of a plaintext server and bridge instead"
+            )
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
@@ -183,6 +191,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--tls-cert", default=d["tls_cert"], help="PEM certificate chain; with --tls-key turns on TLS")
     p.add_argument("--tls-key", default=d["tls_key"], help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=d["tls_client_ca"], help="PEM CA: require client certificates (mTLS)")
+    p.add_argument(
+        "--rest-port",
+        type=int,
+        default=d["rest_port"],
+        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+    )
     return p
 
 

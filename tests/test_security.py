@@ -200,6 +200,8 @@ def test_operations_settings_come_from_flags_and_environment(pki: Pki) -> None:
         Config(port=9000, metrics_port=9000)
     with pytest.raises(ConfigError, match="max_concurrent_rpcs must be"):
         Config(max_concurrent_rpcs=-1)
+    with pytest.raises(ConfigError, match="--rest-port cannot be combined with --tls-cert"):
+        Config(rest_port=6009, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
     with pytest.raises(ConfigError, match="log_level must be one of DEBUG, INFO"):
         Config(log_level="LOUD")
     assert Config(log_level="debug").log_level == "debug"
@@ -218,3 +220,15 @@ def test_a_file_that_is_not_a_certificate_stops_startup_with_a_clear_message(pki
     )
     assert proc.returncode == 1
     assert "cannot start: --tls-cert" in proc.stderr and "is not a PEM file with a CERTIFICATE" in proc.stderr
+
+
+async def test_bridge_turns_a_missing_api_key_into_401(serve: Any, aiohttp_client: Any) -> None:
+    from rest_bridge import BridgeConfig, create_app
+
+    srv = await serve(api_key=KEY)
+    bridge = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{srv.port}")))
+    body = {"query": QUERY, "documents": CANDIDATES}
+    assert (await bridge.post("/v1/rerank", json=body)).status == 401
+    assert (await bridge.post("/v1/rerank", json=body, headers={"Authorization": "Bearer nope"})).status == 401
+    resp = await bridge.post("/v1/rerank", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status == 200 and len((await resp.json())["results"]) == 2
