@@ -179,9 +179,16 @@ class RerankerModel:
         )["input_ids"]
         out = []
         for q, d in zip(queries, passages, strict=True):
-            item = prepare_for_model_compat(
-                self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
-            )
+            try:
+                item = prepare_for_model_compat(
+                    self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
+                )
+            except Exception:
+                # The decode/re-encode round trip can lengthen the query past max_length, where cutting
+                # the passage alone is not enough (FlagReranker itself raises); cut both instead.
+                item = prepare_for_model_compat(
+                    self.tokenizer, q, d, truncation="longest_first", max_length=max_length, padding=False
+                )
             ids = list(item["input_ids"])
             out.append(Encoded(ids, {k: list(v) for k, v in item.items() if k != "input_ids"}))
         return out

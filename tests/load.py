@@ -12,13 +12,13 @@ PASSAGES = [
     "函数计算是阿里云Serverless计算服务，提供专业的Serverless架构服务托管",
     "A reranker scores how relevant a passage is to a query.",
     "今天天气怎么样",
-    "The quick brown fox jumps over the lazy dog. " * 8,
+    "The quick brown fox jumps over the lazy dog.",
 ]
 
 
 def rerank_request(i: int, candidates: int | None = None) -> pb.RerankRequest:
-    """The i-th request of a load: 1-4 candidates (or `candidates`), sometimes top_n and normalize."""
-    n = candidates or 1 + i % 4
+    """The i-th request of a load: 1 or 2 short candidates (or `candidates`), sometimes top_n and normalize."""
+    n = candidates or 1 + i % 2
     return pb.RerankRequest(
         query=QUERIES[i % len(QUERIES)],
         candidates=[PASSAGES[(i + k) % len(PASSAGES)] for k in range(n)],
