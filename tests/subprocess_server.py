@@ -58,7 +58,8 @@ class ServerProcess:
         return self.proc.pid
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def _wait_serving(self, timeout: float) -> None:
