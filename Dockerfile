@@ -31,7 +31,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     RERANKER_PORT=50051 \
     RERANKER_REST_PORT=6009 \
     RERANKER_METRICS_PORT=9090
-RUN useradd --uid 10001 --user-group --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
+RUN groupadd --gid 10001 app \
+    && useradd --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
     && mkdir -p /home/app/model /home/app/.cache/huggingface \
     && chown -R app:app /home/app
 COPY --from=build /opt/venv /opt/venv

@@ -95,7 +95,9 @@ def container() -> dict[str, Any]:
 
 
 def container_env(c: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
+    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    assert all(isinstance(v, str) for v in env.values()), f"Kubernetes takes env values as strings only: {env}"
+    return env
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
