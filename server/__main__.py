@@ -6,11 +6,31 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from server.app import RerankServer
 from server.config import Config, load_config
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 log = logging.getLogger("server")
+
+
+async def _start_bridge(config: Config, grpc_port: int) -> web.AppRunner:
+    """The REST bridge in this event loop, calling this server's own gRPC port over loopback."""
+    from rest_bridge import BridgeConfig, start_bridge
+
+    bridge_config = BridgeConfig(
+        grpc_target=f"127.0.0.1:{grpc_port}", host=config.host, port=config.rest_port, log_level=config.log_level
+    )
+    runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
+    return runner
+
+
+async def _stop_bridge(runner: web.AppRunner | None) -> None:
+    if runner is not None:
+        await runner.cleanup()
 
 
 async def serve(config: Config) -> int:
@@ -20,6 +40,12 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.bind()
+    try:
+        bridge = await _start_bridge(config, server.port) if config.rest_port else None
+    except OSError as exc:  # e.g. the REST port is taken
+        log.error("cannot start: REST bridge on %s:%d: %s", config.host, config.rest_port, exc)
+        await server.stop(0)
+        return 1
     loading = asyncio.ensure_future(server.load())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -31,11 +57,13 @@ async def serve(config: Config) -> int:
             log.error("cannot start: %s", exc)
         else:
             log.error("cannot start: failed to load the model", exc_info=exc)
+        await _stop_bridge(bridge)
         await server.stop(0)
         return 1
     await stopping
     log.info("signal received: draining for up to %.1f s", config.grace_s)
     loading.cancel()
+    await _stop_bridge(bridge)
     await server.stop()
     log.info("stopped")
     return 0

@@ -69,12 +69,13 @@ class RerankServer:
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving model=%s device=%s dtype=%s port=%d max_length=%d batch_size=%d max_batch_tokens=%d "
+            "serving model=%s device=%s dtype=%s port=%d rest_port=%d max_length=%d batch_size=%d max_batch_tokens=%d "
             "max_candidates=%d max_text_chars=%d max_queue_pairs=%d",
             c.model,
             engine.device,
             engine.dtype,
             self.port,
+            c.rest_port,
             c.max_length,
             c.batch_size,  # type: ignore[attr-defined]
             c.max_batch_tokens,

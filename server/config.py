@@ -31,10 +31,13 @@ class Config:
     threads: int = 0  # torch intra-op threads; 0 = one per core
     grace_s: float = 10.0
     log_level: str = "INFO"
+    rest_port: int = 0  # REST bridge in the same process; 0 = off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.rest_port <= 65535:
+            raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
         positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -120,6 +123,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads; 0 = all cores (%(default)s)")
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
     p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")
+    p.add_argument(
+        "--rest-port",
+        type=int,
+        default=d["rest_port"],
+        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+    )
     return p
 
 

@@ -26,8 +26,8 @@ K8S = ROOT / "deploy" / "k8s"
 DEFAULTS = Config()
 MODEL_MOUNT = "/home/app/model"
 LEGACY_MODEL_DIR = f"{MODEL_MOUNT}/bge-reranker-base"
-# Config fields that other work adds (the REST bridge, metrics); once it is merged this set can be emptied.
-NOT_YET_FIELDS = {"rest_port", "metrics_port"}
+# Config fields that other work adds (metrics); once it is merged this set can be emptied.
+NOT_YET_FIELDS = {"metrics_port"}
 
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -1,0 +1,38 @@
+"""`python -m rest_bridge --grpc-target HOST:PORT --port 6009`: serve the REST bridge until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from rest_bridge.app import start_bridge
+from rest_bridge.config import BridgeConfig, load_bridge_config
+
+
+async def serve(config: BridgeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, _ = await start_bridge(config)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    config = load_bridge_config()
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:  # e.g. the port is taken
+        sys.exit(f"cannot start the REST bridge on {config.host}:{config.port}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The aiohttp application: routes, the error middleware, Swagger UI, and the gRPC channel's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from swagger_ui_bundle import swagger_ui_path
+
+from rest_bridge import handlers
+from rest_bridge.config import BridgeConfig
+from rest_bridge.errors import MAX_BODY_KEY, error_middleware
+from rest_bridge.openapi import OPENAPI
+
+log = logging.getLogger(__name__)
+
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Reranker REST bridge</title>
+  <link rel="stylesheet" href="/docs/static/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/static/swagger-ui-bundle.js"></script>
+  <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+"""
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+async def root(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/docs")
+
+
+def create_app(config: BridgeConfig) -> web.Application:
+    """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[MAX_BODY_KEY] = config.max_body_bytes
+
+    async def upstream(app: web.Application) -> AsyncIterator[None]:
+        app[handlers.UPSTREAM_KEY] = handlers.Upstream(config)
+        yield
+        await app[handlers.UPSTREAM_KEY].close()
+
+    app.cleanup_ctx.append(upstream)
+    app.router.add_post("/bge-reranker-base/post", handlers.legacy_post, name="legacy_post")
+    app.router.add_post("/rerank", handlers.legacy_rerank)
+    app.router.add_post("/reank", handlers.legacy_rerank)  # the spelling legacy 2's README documents
+    app.router.add_post("/v1/rerank", handlers.v1_rerank)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/", root)
+    app.router.add_get("/docs", docs)
+    app.router.add_static("/docs/static", swagger_ui_path)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+async def start_bridge(config: BridgeConfig, shutdown_timeout: float = 10.0) -> tuple[web.AppRunner, int]:
+    """Serve the bridge on config.host:config.port; returns the runner (call `cleanup()`) and the bound port."""
+    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    log.info("REST bridge on %s:%d -> gRPC %s", config.host, port, config.grpc_target)
+    return runner, port

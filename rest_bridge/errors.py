@@ -1,0 +1,82 @@
+"""The one error middleware: gRPC status and request problems -> an HTTP status and a JSON body."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+HTTP_BY_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+}
+UNAVAILABLE_MESSAGE = "the reranking server cannot be reached or is not ready; retry shortly"
+
+TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+
+
+class BadRequest(ValueError):
+    """A request the bridge refuses before calling gRPC; the message names the problem."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_status(exc: BaseException, max_body_bytes: int) -> tuple[int, str]:
+    """HTTP status and caller-facing message for `exc`; unexpected errors are logged, never shown."""
+    if isinstance(exc, BadRequest):
+        return exc.status, str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        status = HTTP_BY_STATUS.get(code, 502)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return status, f"{UNAVAILABLE_MESSAGE} ({exc.details()})"
+        if status == 502:
+            log.warning("gRPC call failed: %s %s", code.name, exc.details())
+        return status, f"{code.name}: {exc.details()}"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return 413, f"request body is larger than the limit of {max_body_bytes} bytes"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return 405, f"method {exc.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}"
+    if isinstance(exc, web.HTTPNotFound):
+        return 404, "no such route; see /docs"
+    if isinstance(exc, web.HTTPException):
+        return exc.status, exc.reason
+    log.error("unexpected error in the REST bridge", exc_info=exc)
+    return 500, f"internal error ({type(exc).__name__}); see the bridge log"
+
+
+def error_body(request: web.Request, status: int, message: str) -> tuple[int, dict[str, Any]]:
+    if request.match_info.route.name == "legacy_post":
+        # The legacy envelope; HTTP 200 for what the original answered with 200, the real status otherwise.
+        body = {"text_pairs": request.get(TEXT_PAIRS_KEY), "rerank_scores": [], "code": -1, "error": message}
+        return (200 if status == 400 else status), body
+    return status, {"error": message, "status": status}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # redirects
+        status, message = error_status(exc, request.app[MAX_BODY_KEY])
+    except Exception as exc:
+        status, message = error_status(exc, request.app[MAX_BODY_KEY])
+    status, body = error_body(request, status, message)
+    return web.json_response(body, status=status)
