@@ -340,3 +340,43 @@ def test_an_empty_model_directory_fails_fast_with_a_clear_message(tmp_path: Path
 
     with pytest.raises(ModelLoadError, match="has no config.json.*--model"):
         resolve_model_path(str(tmp_path))
+
+
+def test_the_images_entrypoint_and_env_serve_grpc_and_rest(model_dir: Path, tmp_path: Path) -> None:
+    """The image's ENTRYPOINT and ENV, run here without Docker: only paths and ports are changed."""
+    import signal
+    import time
+    import urllib.request
+
+    from tests.subprocess_server import free_port
+
+    grpc_port, rest_port, metrics_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in image_env().items() if k != "PATH"}
+    env.update(
+        RERANKER_MODEL=str(model_dir),
+        RERANKER_HOST="127.0.0.1",  # loopback only in tests
+        RERANKER_PORT=str(grpc_port),
+        RERANKER_REST_PORT=str(rest_port),
+        RERANKER_METRICS_PORT=str(metrics_port),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    env = {**os.environ, **env}
+    entrypoint = json.loads(one("ENTRYPOINT"))
+    healthcheck_cmd = json.loads(one("HEALTHCHECK").partition(" CMD ")[2])
+    with (tmp_path / "server.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, *entrypoint[1:]], cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([sys.executable, *healthcheck_cmd[1:]], cwd=ROOT, env=env, capture_output=True).returncode:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "not SERVING after 120 s"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/health", timeout=10) as resp:
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
