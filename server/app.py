@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -161,8 +162,11 @@ class RerankServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, refuse new RPCs, let in-flight ones finish within the grace period."""
+        grace = self.config.grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s if grace is None else grace)
+        await self.service.drain(grace)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         if self._batcher is not None:
             await self._batcher.stop()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)

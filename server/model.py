@@ -63,11 +63,17 @@ def resolve_model_path(model: str) -> str:
     """A local directory for `model`, or the hub id when the hub is reachable; fails fast otherwise."""
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            # `docker run -v` with a host path that does not exist mounts an empty directory.
+            raise ModelLoadError(
+                f"model directory {model!r} has no config.json. Pass --model with a directory that holds "
+                "config.json, the tokenizer files and the weights (in a container: mount it there)."
+            )
         return expanded
     if os.path.isabs(expanded) or model.startswith((".", "~")) or os.path.exists(expanded) or model.count("/") > 1:
         raise ModelLoadError(
             f"model directory {model!r} does not exist. Pass --model with a directory that holds "
-            "config.json, the tokenizer files and the weights."
+            "config.json, the tokenizer files and the weights (in a container: mount it there)."
         )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -173,9 +179,16 @@ class RerankerModel:
         )["input_ids"]
         out = []
         for q, d in zip(queries, passages, strict=True):
-            item = prepare_for_model_compat(
-                self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
-            )
+            try:
+                item = prepare_for_model_compat(
+                    self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
+                )
+            except Exception:
+                # The decode/re-encode round trip can lengthen the query past max_length, where cutting
+                # the passage alone is not enough (FlagReranker itself raises); cut both instead.
+                item = prepare_for_model_compat(
+                    self.tokenizer, q, d, truncation="longest_first", max_length=max_length, padding=False
+                )
             ids = list(item["input_ids"])
             out.append(Encoded(ids, {k: list(v) for k, v in item.items() if k != "input_ids"}))
         return out
