@@ -26,6 +26,8 @@ K8S = ROOT / "deploy" / "k8s"
 DEFAULTS = Config()
 MODEL_MOUNT = "/home/app/model"
 LEGACY_MODEL_DIR = f"{MODEL_MOUNT}/bge-reranker-base"
+
+
 # Config fields that other work adds (metrics); once it is merged this set can be emptied.
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined and comments dropped."""
