@@ -28,7 +28,6 @@ MODEL_MOUNT = "/home/app/model"
 LEGACY_MODEL_DIR = f"{MODEL_MOUNT}/bge-reranker-base"
 
 
-# Config fields that other work adds (metrics); once it is merged this set can be emptied.
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined and comments dropped."""
     out: list[tuple[str, str]] = []
