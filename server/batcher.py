@@ -29,7 +29,7 @@ class BatchLimits:
     max_tokens: int = 16384  # padded tokens: pairs x longest pair
     max_wait_s: float = 0.002
     max_queue_pairs: int = 8192
-    window: int = 512  # oldest pending pairs considered when grouping by length
+    window: int = 1024  # oldest pending pairs considered when grouping by length (a max-size request fits)
 
 
 @dataclass
@@ -193,10 +193,12 @@ class Batcher(Generic[Item]):
                 return
 
     def _take_batch(self) -> list[_Pending[Item]]:
-        """The oldest pair plus its nearest neighbours in length, within the budgets.
+        """The length group of the oldest pending pair, within the pair and padded-token budgets.
 
-        Built around the oldest pair, not the longest, so a short request is never starved by a stream of
-        long ones; neighbours in length keep padding low. Only the oldest `window` pairs are considered.
+        The oldest `window` pairs are sorted longest first and cut into batches, as an offline scorer would cut
+        them; the batch holding the oldest pair goes next. So pairs of similar length share a batch (little
+        padding), one request alone is batched exactly like the engine ceiling, and a short request is never
+        starved by a stream of long ones.
         """
         live = [p for p in self._pending if not p.job.abandoned]
         self.stats.dropped_pairs += len(self._pending) - len(live)
@@ -204,24 +206,16 @@ class Batcher(Generic[Item]):
             self._pending = live
             return []
         oldest = live[0]
-        ranked = sorted(live[: self._limits.window], key=lambda p: p.length)
-        lo = ranked.index(oldest)  # identity: _Pending compares by id
-        hi, longest = lo + 1, oldest.length
-        while hi - lo < self._limits.max_pairs:
-            options = []
-            if lo > 0:  # a shorter pair pads only itself
-                options.append((longest - ranked[lo - 1].length, -1))
-            if hi < len(ranked):  # a longer pair pads every pair already taken
-                options.append(((ranked[hi].length - longest) * (hi - lo), 1))
-            for _, side in sorted(options):
-                length = ranked[lo - 1].length if side < 0 else ranked[hi].length
-                if max(longest, length) * (hi - lo + 1) <= self._limits.max_tokens:
-                    lo, hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
-                    longest = max(longest, length)
+        batch: list[_Pending[Item]] = []
+        for p in sorted(live[: self._limits.window], key=lambda p: -p.length):
+            # Longest first, so a batch's first pair sets the padded length of the whole batch.
+            if batch and (
+                len(batch) >= self._limits.max_pairs or batch[0].length * (len(batch) + 1) > self._limits.max_tokens
+            ):
+                if any(q is oldest for q in batch):
                     break
-            else:
-                break  # nothing else fits the padded-token budget
-        batch = ranked[lo:hi]
+                batch = []
+            batch.append(p)
         taken = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in taken]
         return batch
