@@ -107,7 +107,7 @@ async def overload(target: str, pid: int, workload: Workload, clients: int, dura
     accepted: list[float] = []
     errors: list[str] = []
     rss: list[float] = [rss_mib(pid)]
-    stop = time.monotonic() + duration_s
+    stop = 0.0
 
     async def sample() -> None:
         while True:
@@ -129,8 +129,10 @@ async def overload(target: str, pid: int, workload: Workload, clients: int, dura
                 refused.append(time.perf_counter() - t)
                 await asyncio.sleep(rng.uniform(0.05, 0.25))
 
-    sampler = asyncio.ensure_future(sample())
     channels = [grpc.aio.insecure_channel(target) for _ in range(clients)]
+    await asyncio.gather(*(ch.channel_ready() for ch in channels))  # connection set-up is not a refusal's latency
+    stop = time.monotonic() + duration_s
+    sampler = asyncio.ensure_future(sample())
     try:
         await asyncio.gather(*(client(i, pb_grpc.RerankerStub(ch)) for i, ch in enumerate(channels)))
     finally:
