@@ -29,8 +29,8 @@ class Workload:
 
 def text_of_tokens(tokenizer: object, n: int, rng: random.Random) -> str:
     """A passage of about `n` tokens for `tokenizer` (random words, cut at the n-th token)."""
-    text = " ".join(rng.choices(WORDS, k=2 * n + 8))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
+    text = " ".join(rng.choices(WORDS, k=n + 8))  # every word is at least one token
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)  # type: ignore[operator]
     offsets = enc["offset_mapping"]
     return text[: offsets[min(n, len(offsets)) - 1][1]]
 
