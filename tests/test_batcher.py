@@ -275,5 +275,6 @@ async def test_concurrent_grpc_requests_equal_compute_score(stub: pb_grpc.Rerank
     for (query, candidates), resp in zip(requests, responses, strict=True):
         expected = flag_reranker.compute_score([[query, c] for c in candidates])
         expected = expected if isinstance(expected, list) else [expected]
-        # A shared batch pads a pair more than compute_score would; fp32 then differs by up to ~1e-5.
-        assert list(resp.scores) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        # A shared batch pads a pair differently from compute_score's own call, and fp32 sums then differ by up
+        # to about 1e-5 on this wide-weight tiny model (compute_score shifts as much with its call's other pairs).
+        assert list(resp.scores) == pytest.approx(expected, rel=1e-5, abs=2e-5)
