@@ -119,6 +119,7 @@ def _costs_of(engine: Any, pairs: list[tuple[str, str]], repeats: int) -> dict[s
         "sort_ms": _timed(lambda: np.argsort([-len(e) for e in encoded]), repeats) * 1e3,
         "trial_forward_ms": _timed(trial, repeats) * 1e3,
         "lean_ms": _timed(lean, repeats) * 1e3,
+        "ceiling_ms": _timed(lambda: plain_scores(flag.tokenizer, flag.model, pairs), repeats) * 1e3,
     }
 
 
