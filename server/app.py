@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
