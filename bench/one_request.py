@@ -79,7 +79,8 @@ def main() -> None:
         through_grpc = asyncio.run(time_grpc(config, engine, query, docs, args.repeats))
 
     a, b = statistics.median(in_process), statistics.median(through_grpc)
-    print(f"model shape={args.shape} 1 x {args.candidates} candidates, median of {args.repeats}")
+    model = args.model or f"shape={args.shape}"
+    print(f"model {model} 1 x {args.candidates} candidates, median of {args.repeats}")
     print(f"in-process FlagReranker.compute_score: {a * 1e3:9.1f} ms")
     print(f"gRPC Rerank (127.0.0.1):               {b * 1e3:9.1f} ms   ({b / a:.2f}x)")
 
