@@ -177,7 +177,7 @@ class RerankServer:
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        await self.service.drain(grace)
+        await self.interceptor.drain(grace)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         if self._batcher is not None:
             await self._batcher.stop()

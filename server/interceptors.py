@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 DEADLINE_SKEW_S = 0.25
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
+DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -36,7 +38,10 @@ def _pairs(request: Any) -> int:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary RPC outside health and reflection; those pass through untouched."""
+    """Wraps every unary RPC outside health and reflection; those pass through untouched.
+
+    It counts the RPCs in flight, so it also refuses them once `drain()` has begun.
+    """
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._expected = f"Bearer {config.api_key}".encode() if config.api_key else None
@@ -44,6 +49,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not per call
         self.in_flight = 0
+        self.draining = False
+        self._last_call = -math.inf
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time
 
     async def intercept_service(
         self,
@@ -90,9 +98,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         token = request_id.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         self.in_flight += 1
-        self._metrics.in_flight.inc()
+        self._last_call = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            if self.draining:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, DRAINING_MESSAGE)
             if self._expected is not None and not hmac.compare_digest(auth.encode(), self._expected):
                 code = grpc.StatusCode.UNAUTHENTICATED
                 await context.abort(code, UNAUTHENTICATED_MESSAGE)
@@ -118,12 +129,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise
         finally:
             self.in_flight -= 1
+            self._last_call = time.monotonic()
             self._record(method, code, time.perf_counter() - start, _pairs(request))
             request_id.reset(token)
 
     def _record(self, method: str, code: grpc.StatusCode, seconds: float, pairs: int) -> None:
         m = self._metrics
-        m.in_flight.dec()
         m.requests.labels(method, code.name).inc()
         m.request_seconds.labels(method).observe(seconds)
         access_log.info("rpc", extra=fields(method=method, code=code.name, ms=round(seconds * 1e3, 2), pairs=pairs))
+
+    async def drain(self, grace_s: float, quiet_s: float = 0.25) -> None:
+        """Refuse new calls with UNAVAILABLE; return once none has come or run for `quiet_s`, or after `grace_s`.
+
+        grpc's own stop() cancels calls that reached the server but not yet the servicer; refusing them here
+        first, until callers have gone elsewhere, gives each a clean UNAVAILABLE instead.
+        """
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if self.in_flight == 0 and time.monotonic() - self._last_call >= quiet_s:
+                return
+            await asyncio.sleep(0.02)

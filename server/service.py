@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -100,9 +99,6 @@ class RerankerService(pb_grpc.RerankerServicer):
         self.config = config
         self.scoring: Scoring | None = None
         self.metrics: Metrics | None = None
-        self.draining = False
-        self._active = 0
-        self._last_call = -math.inf
 
     def _ready(self) -> Scoring:
         if self.scoring is None:
@@ -110,12 +106,12 @@ class RerankerService(pb_grpc.RerankerServicer):
         return self.scoring
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        return await self._answer(context, lambda: self._rerank(request))
+        return await _answer(context, lambda: self._rerank(request))
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        return await self._answer(context, self._model_info)
+        return await _answer(context, self._model_info)
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         pairs, documents = request_pairs(req, self.config)
@@ -149,30 +145,11 @@ class RerankerService(pb_grpc.RerankerServicer):
             batch_size=c.batch_size,
         )
 
-    async def _answer(self, context: grpc.aio.ServicerContext, handler: Callable[[], Any]) -> Any:
-        """Run `handler`, turning any error into the status the error table gives it."""
-        self._last_call = time.monotonic()
-        self._active += 1
-        try:
-            if self.draining:
-                raise NotReady("the server is shutting down; retry on another replica")
-            return await handler()
-        except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-        finally:
-            self._active -= 1
-            self._last_call = time.monotonic()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.25) -> None:
-        """Refuse new calls with UNAVAILABLE; return once none has come or run for `quiet_s`, or after `grace_s`.
-
-        grpc's own stop() cancels calls that reached the server but not yet this code; refusing them here
-        first, until callers have gone elsewhere, gives each a clean UNAVAILABLE instead.
-        """
-        self.draining = True
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if self._active == 0 and time.monotonic() - self._last_call >= quiet_s:
-                return
-            await asyncio.sleep(0.02)
+async def _answer(context: grpc.aio.ServicerContext, handler: Callable[[], Any]) -> Any:
+    """Run `handler`, turning any error into the status the error table gives it."""
+    try:
+        return await handler()
+    except Exception as exc:
+        code, message = status_for(exc)
+        await context.abort(code, message)
