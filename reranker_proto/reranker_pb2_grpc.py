@@ -45,6 +45,11 @@ class RerankerStub:
                 request_serializer=reranker__proto_dot_reranker__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=reranker__proto_dot_reranker__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.RerankStream = channel.stream_stream(
+                '/reranker.v1.Reranker/RerankStream',
+                request_serializer=reranker__proto_dot_reranker__pb2.RerankRequest.SerializeToString,
+                response_deserializer=reranker__proto_dot_reranker__pb2.RerankStreamResponse.FromString,
+                _registered_method=True)
 
 
 class RerankerServicer:
@@ -53,6 +58,8 @@ class RerankerServicer:
 
     def Rerank(self, request, context):
         """Scores a query against candidates, or explicit (query, passage) pairs.
+        RerankStream takes the same request, so both share one validation and scoring path.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +67,16 @@ class RerankerServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the loaded model and the server's request limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerankStream(self, request_iterator, context):
+        """Scores many requests on one call: each answer comes as soon as its request is scored (so out of
+        order), tagged with the request's request_id; a failed request gets its own error, the stream goes on.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +94,11 @@ def add_RerankerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=reranker__proto_dot_reranker__pb2.GetModelInfoRequest.FromString,
                     response_serializer=reranker__proto_dot_reranker__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'RerankStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RerankStream,
+                    request_deserializer=reranker__proto_dot_reranker__pb2.RerankRequest.FromString,
+                    response_serializer=reranker__proto_dot_reranker__pb2.RerankStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +156,33 @@ class Reranker:
             '/reranker.v1.Reranker/GetModelInfo',
             reranker__proto_dot_reranker__pb2.GetModelInfoRequest.SerializeToString,
             reranker__proto_dot_reranker__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/reranker.v1.Reranker/RerankStream',
+            reranker__proto_dot_reranker__pb2.RerankRequest.SerializeToString,
+            reranker__proto_dot_reranker__pb2.RerankStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
