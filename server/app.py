@@ -78,7 +78,7 @@ class RerankServer:
         self.service = RerankerService(config)
         self.service.metrics = self.metrics
         self.health = health_aio.HealthServicer()
-        self.interceptor = ServerInterceptor(config, self.metrics)
+        self.interceptor = ServerInterceptor(config, self.metrics, self.service.admission)
         self.server = grpc.aio.server(
             interceptors=[self.interceptor],
             options=[("grpc.max_receive_message_length", max_receive_bytes(config))],

@@ -19,9 +19,18 @@ class NotReady(RuntimeError):
     """The model is still loading or the server is stopping."""
 
 
+class Draining(NotReady):
+    """The server is shutting down and takes no new work."""
+
+
+class Busy(RuntimeError):
+    """As many requests as --max-concurrent-rpcs allows are in flight."""
+
+
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
 }
 

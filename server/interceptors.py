@@ -1,22 +1,27 @@
-"""The one server interceptor: request id, API key, concurrency cap, metrics and access log per RPC."""
+"""The one server interceptor: request id, API key, malformed messages, concurrency cap, metrics, access log."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
-import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from reranker_proto import reranker_pb2 as pb
+from server.admission import Admission
 from server.config import Config
+from server.errors import status_for
 from server.logs import fields, request_id
 from server.metrics import Metrics
+from server.wire import Malformed, tolerant
 
 access_log = logging.getLogger("server.access")
 
@@ -26,9 +31,10 @@ REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 DEADLINE_SKEW_S = 0.25
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
-DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Behavior = Callable[..., Any]
 
 
 def _pairs(request: Any) -> int:
@@ -37,21 +43,35 @@ def _pairs(request: Any) -> int:
     return 0
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary RPC outside health and reflection; those pass through untouched.
+@dataclass
+class _Call:
+    """What the access line and the metrics say about one RPC."""
 
-    It counts the RPCs in flight, so it also refuses them once `drain()` has begun.
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    pairs: int = 0
+    stream: dict[str, int] = field(default_factory=dict)  # RerankStream: requests, answered, errors
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every RPC: all get a tolerant deserializer; Rerank, GetModelInfo and RerankStream get the rest.
+
+    Health and reflection stay open (no API key, no cap) and are logged at DEBUG.
     """
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, admission: Admission | None = None) -> None:
         self._expected = f"Bearer {config.api_key}".encode() if config.api_key else None
-        self._cap = config.max_concurrent_rpcs
         self._metrics = metrics
+        self.admission = admission or Admission(config.max_concurrent_rpcs)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not per call
-        self.in_flight = 0
-        self.draining = False
-        self._last_call = -math.inf
-        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time
+        metrics.in_flight.set_function(lambda: self.admission.in_flight)  # read at scrape time
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new calls with UNAVAILABLE; streams stop reading, answer what they read, and close."""
+        await self.admission.drain(grace_s)
 
     async def intercept_service(
         self,
@@ -62,31 +82,82 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method_path: str = handler_call_details.method  # type: ignore[attr-defined]
         if handler is None:
             return None
-        if method_path.startswith(OPEN_PREFIXES):
-            access_log.debug("rpc", extra=fields(method=method_path))
-            return handler
         wrapped = self._wrapped.get(method_path)
         if wrapped is None:
-            if handler.unary_unary is None:
-                # Only unary RPCs are wrapped; anything else would bypass the API key, so it is not served.
-                access_log.error("refusing %s: the interceptor only wraps unary RPCs", method_path)
+            wrapped = self._wrap(handler, method_path)
+            if wrapped is None:
                 return None
-            wrapped = self._wrapped[method_path] = self._wrap(handler, method_path.rpartition("/")[2])
+            self._wrapped[method_path] = wrapped
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        behavior: Behavior = handler.unary_unary
+    def _wrap(self, handler: grpc.RpcMethodHandler, path: str) -> grpc.RpcMethodHandler | None:
+        parse, serialize = tolerant(handler.request_deserializer), handler.response_serializer
+        if path.startswith(OPEN_PREFIXES):
+            return _open_handler(handler, path, parse)
+        method = path.rpartition("/")[2]
+        if handler.unary_unary is not None:
+            serve = self._unary(handler.unary_unary, method)
+            return grpc.unary_unary_rpc_method_handler(serve, request_deserializer=parse, response_serializer=serialize)
+        if handler.stream_stream is not None:
+            serve_stream = self._stream(handler.stream_stream, method)
+            return grpc.stream_stream_rpc_method_handler(
+                serve_stream, request_deserializer=parse, response_serializer=serialize
+            )
+        # Anything else would bypass the API key, so it is not served.
+        access_log.error("refusing %s: the interceptor wraps only unary and bidirectional RPCs", path)
+        return None
 
+    def _unary(self, behavior: Behavior, method: str) -> Behavior:
         async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self._serve(behavior, method, request, context)
+            call = _Call(pairs=_pairs(request))
+            async with self._rpc(method, context, call):
+                if isinstance(request, Malformed):
+                    call.code = INVALID
+                    await context.abort(INVALID, request.message)
+                try:
+                    self.admission.enter()
+                except Exception as exc:  # Busy: over --max-concurrent-rpcs
+                    call.code, message = status_for(exc)
+                    await context.abort(call.code, message)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self.admission.leave()
 
-        return grpc.unary_unary_rpc_method_handler(
-            serve,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return serve
 
-    async def _serve(self, behavior: Behavior, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _stream(self, behavior: Behavior, method: str) -> Behavior:
+        async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(stream={"requests": 0, "answered": 0, "errors": 0})
+            async with self._rpc(method, context, call):
+                self.admission.streams += 1
+                try:
+                    async for answer in behavior(self._counted(requests, call), context):
+                        self._count_answer(method, answer, call)
+                        yield answer
+                finally:
+                    self.admission.streams -= 1
+
+        return serve
+
+    async def _counted(self, requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+        async for request in requests:
+            call.stream["requests"] += 1
+            call.pairs += _pairs(request)
+            yield request
+
+    def _count_answer(self, method: str, answer: Any, call: _Call) -> None:
+        """One count per answered stream request, under its own code (the stream's end is in the access line)."""
+        call.stream["answered"] += 1
+        code = grpc.StatusCode.OK
+        if answer.HasField("error"):
+            call.stream["errors"] += 1
+            code = CODE_BY_NUMBER.get(answer.error.code, grpc.StatusCode.UNKNOWN)
+        self._metrics.requests.labels(method, code.name).inc()
+
+    @asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext, call: _Call) -> AsyncIterator[None]:
+        """Request id, drain refusal and API key before; status, metrics and the access line after."""
         start = time.perf_counter()
         rid, auth = "", ""
         for key, value in context.invocation_metadata() or ():
@@ -97,57 +168,95 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         rid = rid or uuid.uuid4().hex
         token = request_id.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-        self.in_flight += 1
-        self._last_call = time.monotonic()
-        code = grpc.StatusCode.OK
+        self.admission.touch()
         try:
-            if self.draining:
-                code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, DRAINING_MESSAGE)
+            try:
+                self.admission.check_open()
+            except Exception as exc:  # Draining
+                call.code, message = status_for(exc)
+                await context.abort(call.code, message)
             if self._expected is not None and not hmac.compare_digest(auth.encode(), self._expected):
-                code = grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(code, UNAUTHENTICATED_MESSAGE)
-            if self._cap and self.in_flight > self._cap:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                await context.abort(
-                    code,
-                    f"{self._cap} RPCs are in flight, the limit (--max-concurrent-rpcs); retry with backoff",
-                )
-            response = await behavior(request, context)
-            code = context.code() or grpc.StatusCode.OK
-            return response
+                call.code = grpc.StatusCode.UNAUTHENTICATED
+                await context.abort(call.code, UNAUTHENTICATED_MESSAGE)
+            yield
+            call.code = context.code() or grpc.StatusCode.OK
         except asyncio.CancelledError:
             # The client's timer fires first (the server's deadline starts when the request arrives),
             # so a cancel this close to the deadline is the deadline.
             remaining = context.time_remaining()
             expired = remaining is not None and remaining < DEADLINE_SKEW_S
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            if code == grpc.StatusCode.OK:  # not one of ours above: the servicer aborted, or it failed
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            if call.code == grpc.StatusCode.OK:  # not one of ours above: the servicer aborted, or it failed
+                call.code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self.in_flight -= 1
-            self._last_call = time.monotonic()
-            self._record(method, code, time.perf_counter() - start, _pairs(request))
-            request_id.reset(token)
+            self.admission.touch()
+            self._record(method, call, time.perf_counter() - start)
+            try:
+                request_id.reset(token)
+            except ValueError:  # a stream's generator closed from another context (grpc dropped it)
+                pass
 
-    def _record(self, method: str, code: grpc.StatusCode, seconds: float, pairs: int) -> None:
+    def _record(self, method: str, call: _Call, seconds: float) -> None:
         m = self._metrics
-        m.requests.labels(method, code.name).inc()
-        m.request_seconds.labels(method).observe(seconds)
-        access_log.info("rpc", extra=fields(method=method, code=code.name, ms=round(seconds * 1e3, 2), pairs=pairs))
+        if not call.stream:  # a stream's requests are counted one by one as they are answered
+            m.requests.labels(method, call.code.name).inc()
+            m.request_seconds.labels(method).observe(seconds)
+        access_log.info(
+            "rpc",
+            extra=fields(
+                method=method, code=call.code.name, ms=round(seconds * 1e3, 2), pairs=call.pairs, **call.stream
+            ),
+        )
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.25) -> None:
-        """Refuse new calls with UNAVAILABLE; return once none has come or run for `quiet_s`, or after `grace_s`.
 
-        grpc's own stop() cancels calls that reached the server but not yet the servicer; refusing them here
-        first, until callers have gone elsewhere, gives each a clean UNAVAILABLE instead.
-        """
-        self.draining = True
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            if self.in_flight == 0 and time.monotonic() - self._last_call >= quiet_s:
-                return
-            await asyncio.sleep(0.02)
+def _open_handler(handler: grpc.RpcMethodHandler, path: str, parse: Any) -> grpc.RpcMethodHandler:
+    """Health and reflection as they are, but a malformed message gets INVALID_ARGUMENT and one access line."""
+    serialize = handler.response_serializer
+
+    async def refuse(bad: Malformed, context: grpc.aio.ServicerContext) -> None:
+        access_log.info("rpc", extra=fields(method=path, code=INVALID.name))
+        await context.abort(INVALID, bad.message)
+
+    def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def each() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await refuse(request, context)
+                yield request
+
+        return each()
+
+    async def respond(result: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Await a unary answer, or write out a stream however the servicer produces it."""
+        if inspect.isasyncgen(result):
+            async for response in result:
+                await context.write(response)
+            return None
+        return await result
+
+    async def unary_in(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await refuse(request, context)
+        access_log.debug("rpc", extra=fields(method=path))
+        behavior = handler.unary_unary or handler.unary_stream
+        return await respond(behavior(request, context), context)
+
+    async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        access_log.debug("rpc", extra=fields(method=path))
+        behavior = handler.stream_unary or handler.stream_stream
+        return await respond(behavior(checked(requests, context), context), context)
+
+    make = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+        "stream_unary": grpc.stream_unary_rpc_method_handler,
+        "stream_stream": grpc.stream_stream_rpc_method_handler,
+    }
+    for kind, build in make.items():
+        if getattr(handler, kind) is not None:
+            serve = unary_in if kind.startswith("unary") else stream_in
+            return build(serve, request_deserializer=parse, response_serializer=serialize)  # type: ignore[no-any-return]
+    return handler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,10 +15,14 @@ import grpc
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
+from server.admission import Admission
 from server.batcher import Batcher
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, status_for
 from server.metrics import Metrics
+from server.stream import answer_stream
+
+MAX_REQUEST_ID_CHARS = 128
 
 
 class Engine(Protocol):
@@ -56,6 +60,8 @@ def _check_text(text: str, what: str, limit: int) -> None:
 
 def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str, str]], list[str]]:
     """The (query, passage) pairs and their documents, or InvalidRequest naming the broken rule."""
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id has {len(req.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
     if req.pairs and (req.query or req.candidates):
         raise InvalidRequest("use either query + candidates or pairs, not both")
     count = len(req.pairs) or len(req.candidates)
@@ -89,16 +95,17 @@ def build_response(
         pb.RankedCandidate(index=i, score=scores[i], document=documents[i] if req.return_documents else "")
         for i in order
     ]
-    return pb.RerankResponse(scores=scores, results=results, model=model, usage=usage)
+    return pb.RerankResponse(scores=scores, results=results, model=model, usage=usage, request_id=req.request_id)
 
 
 class RerankerService(pb_grpc.RerankerServicer):
-    """Answers Rerank and GetModelInfo; `scoring` is None until the model has loaded."""
+    """Answers Rerank, RerankStream and GetModelInfo; `scoring` is None until the model has loaded."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.scoring: Scoring | None = None
         self.metrics: Metrics | None = None
+        self.admission = Admission(config.max_concurrent_rpcs)  # the interceptor shares it
 
     def _ready(self) -> Scoring:
         if self.scoring is None:
@@ -108,12 +115,23 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         return await _answer(context, lambda: self._rerank(request))
 
+    async def RerankStream(
+        self, request_iterator: AsyncIterator[pb.RerankRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.RerankStreamResponse]:
+        try:
+            async for answer in answer_stream(request_iterator, self._rerank, self.admission):
+                yield answer
+        except Exception as exc:  # the stream's own end (drain), not one request's error
+            code, message = status_for(exc)
+            await context.abort(code, message)
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         return await _answer(context, self._model_info)
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
+        """One request, from a unary Rerank or from a RerankStream: validate, queue, score, rank."""
         pairs, documents = request_pairs(req, self.config)
         scoring = self._ready()
         loop = asyncio.get_running_loop()
