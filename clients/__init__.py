@@ -17,6 +17,8 @@ if TYPE_CHECKING:
         RerankerError,
         RerankResult,
         Retry,
+        StreamAnswer,
+        StreamRequest,
         UnavailableError,
         Usage,
     )
@@ -34,6 +36,8 @@ _EXPORTS = {
     "RerankerClient",
     "RerankerError",
     "Retry",
+    "StreamAnswer",
+    "StreamRequest",
     "UnavailableError",
     "Usage",
 }

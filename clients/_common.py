@@ -62,6 +62,9 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[RerankerError]] = {
 }
 
 
+CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
 def error_from_rpc(exc: grpc.RpcError) -> RerankerError:
     """The typed error for a failed RPC (sync `grpc.RpcError` and `grpc.aio.AioRpcError` alike)."""
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
@@ -101,6 +104,33 @@ class RerankResult:
     scores: list[float]
     model: str
     usage: Usage
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """One request of `rerank_stream`: query + candidates, or pairs. `request_id` "" lets the client number it."""
+
+    query: str = ""
+    candidates: Sequence[str] = ()
+    pairs: Sequence[tuple[str, str]] = ()
+    request_id: str = ""
+    top_n: int | None = None
+    normalize: bool = False
+    return_documents: bool = False
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamAnswer:
+    """The answer to one StreamRequest: `result`, or `error` (the stream goes on either way)."""
+
+    request_id: str
+    result: RerankResult | None = None
+    error: RerankerError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -164,6 +194,38 @@ def pairs_request(pairs: Sequence[tuple[str, str]], *, normalize: bool, max_leng
         messages.append(pb.Pair(query=pair[0], passage=pair[1]))
     max_tokens = _optional_positive(max_length, "max_length")
     return pb.RerankRequest(pairs=messages, normalize=normalize, max_length=max_tokens)
+
+
+def stream_message(request: StreamRequest, number: int) -> pb.RerankRequest:
+    """The message for one StreamRequest; an empty request_id becomes the request's number in the stream."""
+    if not isinstance(request, StreamRequest):
+        raise invalid(f"rerank_stream takes StreamRequest items, got {type(request).__name__}")
+    if request.pairs:
+        if request.query or request.candidates:
+            raise invalid("a StreamRequest has either query + candidates or pairs, not both")
+        msg = pairs_request(request.pairs, normalize=request.normalize, max_length=request.max_length)
+        msg.top_n = _optional_positive(request.top_n, "top_n")
+        msg.return_documents = request.return_documents
+    else:
+        msg = rerank_request(
+            request.query,
+            request.candidates,
+            top_n=request.top_n,
+            normalize=request.normalize,
+            return_documents=request.return_documents,
+            max_length=request.max_length,
+        )
+    msg.request_id = request.request_id or str(number)
+    return msg
+
+
+def stream_answer(resp: pb.RerankStreamResponse) -> StreamAnswer:
+    if resp.HasField("error"):
+        code = CODE_BY_NUMBER.get(resp.error.code, grpc.StatusCode.UNKNOWN)
+        return StreamAnswer(resp.request_id, error=ERROR_BY_STATUS.get(code, RerankerError)(code, resp.error.message))
+    response = resp.response
+    result = rerank_result(response, any(r.document for r in response.results))
+    return StreamAnswer(resp.request_id, result=result)
 
 
 def rerank_result(resp: pb.RerankResponse, return_documents: bool) -> RerankResult:
@@ -300,12 +362,21 @@ def channel_spec(
     tls_server_name: str | None,
     retry: Retry | None,
     keepalive_s: float,
+    tls_client_cert: bytes | None = None,
+    tls_client_key: bytes | None = None,
 ) -> ChannelSpec:
     if timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
+    if (tls_client_cert is None) != (tls_client_key is None):
+        raise ValueError("mutual TLS needs both tls_client_cert and tls_client_key (PEM bytes), or neither")
+    for name, pem in (("root_certificates", root_certificates), ("tls_client_cert", tls_client_cert)):
+        if pem is not None and (not isinstance(pem, bytes) or b"-----BEGIN " not in pem):
+            raise ValueError(f"{name} must be PEM bytes (the file's contents, not its path)")
     credentials = None
-    if tls or root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if tls or root_certificates is not None or tls_client_cert is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=root_certificates, private_key=tls_client_key, certificate_chain=tls_client_cert
+        )
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     return ChannelSpec(
         target=join_targets(target),

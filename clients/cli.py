@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
     common.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     common.add_argument("--root-certs", type=Path, help="PEM file of root certificates (implies --tls)")
+    common.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS (with --client-key)")
+    common.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
 
     p = argparse.ArgumentParser(prog="python -m clients.python_client", description="Call the reranking service.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         tls=args.tls,
         root_certificates=root_certs,
+        tls_client_cert=args.client_cert.read_bytes() if args.client_cert else None,
+        tls_client_key=args.client_key.read_bytes() if args.client_key else None,
     ) as client:
         if args.command == "rerank":
             result = client.rerank(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +30,8 @@ from clients._common import (
     RerankerError,
     RerankResult,
     Retry,
+    StreamAnswer,
+    StreamRequest,
     UnavailableError,
     Usage,
     channel_spec,
@@ -39,6 +41,8 @@ from clients._common import (
     pairs_request,
     rerank_request,
     rerank_result,
+    stream_answer,
+    stream_message,
 )
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
@@ -55,6 +59,8 @@ __all__ = [
     "RerankerClient",
     "RerankerError",
     "Retry",
+    "StreamAnswer",
+    "StreamRequest",
     "UnavailableError",
     "Usage",
 ]
@@ -77,6 +83,8 @@ class _Base:
         tls_server_name: str | None = None,
         retry: Retry | None = None,
         keepalive_s: float = 30.0,
+        tls_client_cert: bytes | None = None,
+        tls_client_key: bytes | None = None,
     ) -> None:
         self._spec: ChannelSpec = channel_spec(
             target,
@@ -87,6 +95,8 @@ class _Base:
             tls_server_name=tls_server_name,
             retry=retry,
             keepalive_s=keepalive_s,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
         )
         self._channel = self._open(self._spec)
         self._stub = pb_grpc.RerankerStub(self._channel)
@@ -103,10 +113,48 @@ class _Base:
         """Per-call deadline (the client default unless given) and the API key metadata."""
         return {"timeout": self._spec.timeout_s if timeout is None else timeout, "metadata": self._spec.metadata}
 
+    def _stream_kwargs(self, timeout: float | None) -> dict[str, Any]:
+        """A stream lives as long as its caller feeds it: no deadline unless `timeout` is given."""
+        return {"timeout": timeout, "metadata": self._spec.metadata}
+
     def _not_ready(self, waited: float, last: str) -> UnavailableError:
         return UnavailableError(
             grpc.StatusCode.UNAVAILABLE, f"server at {self.target} not SERVING after {waited:.1f} s (last: {last})"
         )
+
+
+class _Messages:
+    """A stream's requests as messages. A bad item ends the sending side; the stream raises it after the answers
+    to the items before it (an exception inside gRPC's request iterator would only cancel the call)."""
+
+    def __init__(self, requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest]) -> None:
+        self._requests = requests
+        self.error: RerankerError | None = None
+
+    def __iter__(self) -> Iterator[pb.RerankRequest]:
+        assert isinstance(self._requests, Iterable)
+        for number, request in enumerate(self._requests):
+            try:
+                message = stream_message(request, number)
+            except RerankerError as exc:
+                self.error = exc
+                return
+            yield message
+
+    async def aiter(self) -> AsyncIterator[pb.RerankRequest]:
+        if isinstance(self._requests, AsyncIterable):
+            number = 0
+            async for request in self._requests:
+                try:
+                    message = stream_message(request, number)
+                except RerankerError as exc:
+                    self.error = exc
+                    return
+                number += 1
+                yield message
+        else:
+            for message in self:
+                yield message
 
 
 class RerankerClient(_Base):
@@ -169,6 +217,30 @@ class RerankerClient(_Base):
         """One score per (query, passage) pair, in input order."""
         req = pairs_request(pairs, normalize=normalize, max_length=max_length)
         return list(self._call(self._stub.Rerank, req, timeout).scores)
+
+    def rerank_stream(
+        self, requests: Iterable[StreamRequest], *, timeout: float | None = None
+    ) -> Iterator[StreamAnswer]:
+        """Send `requests` on one RerankStream; yield each answer as soon as the server has scored it.
+
+        Answers come in completion order, matched by `request_id`; a request's error comes as its answer.
+        The stream has no deadline unless `timeout` (seconds, for the whole stream) is given.
+        """
+        if not isinstance(requests, Iterable):
+            raise TypeError(
+                "RerankerClient.rerank_stream takes an iterable of StreamRequest (async: AsyncRerankerClient)"
+            )
+        messages = _Messages(requests)
+        call = self._stub.RerankStream(iter(messages), **self._stream_kwargs(timeout))
+        try:
+            for resp in call:
+                yield stream_answer(resp)
+        except grpc.RpcError as exc:
+            raise messages.error or error_from_rpc(exc) from exc
+        finally:
+            call.cancel()  # the caller stopped early: end the stream and drop its queued work
+        if messages.error is not None:
+            raise messages.error
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
@@ -253,6 +325,26 @@ class AsyncRerankerClient(_Base):
         """One score per (query, passage) pair, in input order."""
         req = pairs_request(pairs, normalize=normalize, max_length=max_length)
         return list((await self._call(self._stub.Rerank, req, timeout)).scores)
+
+    async def rerank_stream(
+        self, requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest], *, timeout: float | None = None
+    ) -> AsyncIterator[StreamAnswer]:
+        """Send `requests` on one RerankStream; yield each answer as soon as the server has scored it.
+
+        `async for answer in client.rerank_stream(requests)`: answers come in completion order, matched by
+        `request_id`; a request's error comes as its answer. No deadline unless `timeout` is given.
+        """
+        messages = _Messages(requests)
+        call = self._stub.RerankStream(messages.aiter(), **self._stream_kwargs(timeout))
+        try:
+            async for resp in call:
+                yield stream_answer(resp)
+        except grpc.RpcError as exc:
+            raise messages.error or error_from_rpc(exc) from exc
+        finally:
+            call.cancel()
+        if messages.error is not None:
+            raise messages.error
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return model_info(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
