@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import subprocess
@@ -20,9 +21,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients import AsyncRerankerClient, AuthenticationError, RerankerError, Retry
-from reranker_proto import reranker_pb2 as pb
-from reranker_proto import reranker_pb2_grpc as pb_grpc
+from clients import AsyncRerankerClient, AuthenticationError, RerankerClient, RerankerError, Retry, StreamRequest
 from server.app import RerankServer
 from server.config import Config, ConfigError, load_config
 from tests.conftest import test_config
@@ -145,23 +144,28 @@ async def test_tls_with_api_key(serve: Any, pki: Pki) -> None:
         assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-async def _mtls_call(port: int, pki: Pki, with_client_cert: bool) -> pb.GetModelInfoResponse:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.read_bytes(),
-        private_key=pki.client_key.read_bytes() if with_client_cert else None,
-        certificate_chain=pki.client_cert.read_bytes() if with_client_cert else None,
-    )
-    async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as ch:
-        return await pb_grpc.RerankerStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
-
-
 async def test_mutual_tls_needs_a_client_certificate(serve: Any, pki: Pki) -> None:
     srv = await serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
-    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _mtls_call(srv.port, pki, with_client_cert=False)
-    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model  # still serving
+    target, ca = f"localhost:{srv.port}", pki.ca.read_bytes()
+    cert, key = pki.client_cert.read_bytes(), pki.client_key.read_bytes()
+    async with AsyncRerankerClient(target, root_certificates=ca, tls_client_cert=cert, tls_client_key=key) as client:
+        assert (await client.model_info()).model == srv.config.model
+        (answer,) = [a async for a in client.rerank_stream([StreamRequest(query=QUERY, candidates=CANDIDATES)])]
+        assert answer.ok
+    async with AsyncRerankerClient(target, root_certificates=ca, retry=NO_RETRY, timeout=5) as client:
+        with pytest.raises(RerankerError) as err:  # no client certificate: the handshake fails
+            await client.model_info()
+        assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    with RerankerClient(target, root_certificates=ca, tls_client_cert=cert, tls_client_key=key) as blocking:
+        assert len((await asyncio.to_thread(blocking.rerank, QUERY, CANDIDATES)).scores) == 2  # still serving
+
+
+def test_client_certificate_options_are_checked(pki: Pki) -> None:
+    cert = pki.client_cert.read_bytes()
+    with pytest.raises(ValueError, match="needs both tls_client_cert and tls_client_key"):
+        RerankerClient("localhost:1", tls_client_cert=cert)
+    with pytest.raises(ValueError, match="tls_client_cert must be PEM bytes"):
+        RerankerClient("localhost:1", tls_client_cert=str(pki.client_cert), tls_client_key=b"x")  # type: ignore[arg-type]
 
 
 def test_security_settings_are_checked(pki: Pki, tmp_path: Path) -> None:
