@@ -11,6 +11,7 @@ from swagger_ui_bundle import swagger_ui_path
 from rest_bridge import handlers
 from rest_bridge.config import BridgeConfig
 from rest_bridge.errors import MAX_BODY_KEY, error_middleware
+from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
 from rest_bridge.openapi import OPENAPI
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ async def root(request: web.Request) -> web.Response:
 
 def create_app(config: BridgeConfig) -> web.Application:
     """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    middlewares = [error_middleware, body_middleware(config.body_timeout_s)]
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[MAX_BODY_KEY] = config.max_body_bytes
 
     async def upstream(app: web.Application) -> AsyncIterator[None]:
@@ -68,10 +70,25 @@ def create_app(config: BridgeConfig) -> web.Application:
 
 async def start_bridge(config: BridgeConfig, shutdown_timeout: float = 10.0) -> tuple[web.AppRunner, int]:
     """Serve the bridge on config.host:config.port; returns the runner (call `cleanup()`) and the bound port."""
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        create_app(config),
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=config.header_timeout_s,  # closes a connection whose request headers are late (guard.py)
+        lingering_time=LINGER_S,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    tls = ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+    site = GuardedSite(
+        runner,
+        config.host,
+        config.port,
+        max_connections=config.max_connections,
+        handshake_timeout_s=config.header_timeout_s,
+        ssl_context=tls,
+    )
     await site.start()
     port = runner.addresses[0][1]
-    log.info("REST bridge on %s:%d -> gRPC %s", config.host, port, config.grpc_target)
+    scheme = "https" if tls else "http"
+    log.info("REST bridge on %s://%s:%d -> gRPC %s", scheme, config.host, port, config.grpc_target)
     return runner, port

@@ -17,13 +17,48 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
     max_pairs: int = 1000  # pairs in legacy 1's text_pairs (the server applies its own limit too)
     log_level: str = "INFO"
+    # Slow and vanished clients (rest_bridge/guard.py).
+    header_timeout_s: float = 10.0  # connect (or end of the last response) to complete request headers
+    body_timeout_s: float = 30.0  # complete headers to the whole body
+    max_connections: int = 1000  # open connections; past it, 503 at once
+    # HTTPS on the bridge's own port.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # clients must present a certificate this CA signed
+    # TLS to --grpc-target: on when grpc_ca is set; grpc_cert/grpc_key add a client certificate (mutual TLS).
+    grpc_ca: str = ""
+    grpc_cert: str = ""
+    grpc_key: str = ""
+    grpc_server_name: str = ""  # the name to verify in the server's certificate, when the target's differs
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
-        for name in ("deadline_s", "max_body_bytes", "max_pairs"):
+        positive = (
+            "deadline_s",
+            "max_body_bytes",
+            "max_pairs",
+            "header_timeout_s",
+            "body_timeout_s",
+            "max_connections",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        for cert, key in (("tls_cert", "tls_key"), ("grpc_cert", "grpc_key")):
+            if bool(getattr(self, cert)) != bool(getattr(self, key)):
+                raise ValueError(f"--{cert.replace('_', '-')} and --{key.replace('_', '-')} go together: set both")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (HTTPS) as well")
+        if self.grpc_cert and not self.grpc_ca:
+            raise ValueError("--grpc-cert needs --grpc-ca: the CA that signed the gRPC server's certificate")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "grpc_ca", "grpc_cert", "grpc_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"--{name.replace('_', '-')} {path!r}: no such file")
 
 
 # Flag -> environment variable; `port` shares RERANKER_REST_PORT with `python -m server --rest-port`.
@@ -35,6 +70,16 @@ ENV_NAMES = {
     "max_body_bytes": "RERANKER_REST_MAX_BODY_BYTES",
     "max_pairs": "RERANKER_REST_MAX_PAIRS",
     "log_level": "RERANKER_LOG_LEVEL",
+    "header_timeout_s": "RERANKER_REST_HEADER_TIMEOUT_S",
+    "body_timeout_s": "RERANKER_REST_BODY_TIMEOUT_S",
+    "max_connections": "RERANKER_REST_MAX_CONNECTIONS",
+    "tls_cert": "RERANKER_REST_TLS_CERT",
+    "tls_key": "RERANKER_REST_TLS_KEY",
+    "tls_client_ca": "RERANKER_REST_TLS_CLIENT_CA",
+    "grpc_ca": "RERANKER_GRPC_CA",
+    "grpc_cert": "RERANKER_GRPC_CERT",
+    "grpc_key": "RERANKER_GRPC_KEY",
+    "grpc_server_name": "RERANKER_GRPC_SERVER_NAME",
 }
 
 HELP = {
@@ -45,6 +90,16 @@ HELP = {
     "max_body_bytes": "largest request body; larger ones get 413",
     "max_pairs": "most pairs in legacy text_pairs",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
+    "header_timeout_s": "seconds from connecting (or the last response) to complete request headers",
+    "body_timeout_s": "seconds to receive the whole request body once the headers are in; then 408",
+    "max_connections": "open connections; past it new ones get 503 at once",
+    "tls_cert": "PEM certificate chain: serve HTTPS (with --tls-key)",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA: require client certificates it signed (mutual TLS)",
+    "grpc_ca": "PEM CA of the gRPC server's certificate: call --grpc-target over TLS",
+    "grpc_cert": "PEM client certificate for mutual TLS to --grpc-target (with --grpc-key)",
+    "grpc_key": "PEM private key of --grpc-cert",
+    "grpc_server_name": "name to verify in the gRPC server's certificate when it differs from the target's",
 }
 
 

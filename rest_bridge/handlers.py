@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
+from rest_bridge.channel import open_channel
 from rest_bridge.config import BridgeConfig
 from rest_bridge.errors import TEXT_PAIRS_KEY, BadRequest
 from rest_bridge.literal import LiteralError, parse_text_pairs
@@ -34,7 +35,7 @@ class Upstream:
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
-        self.channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
+        self.channel = open_channel(config, options)  # plaintext, or TLS with --grpc-ca/--grpc-cert/--grpc-key
         self.reranker = pb_grpc.RerankerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

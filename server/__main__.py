@@ -18,12 +18,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("server")
 
 
-async def _start_bridge(config: Config, grpc_port: int) -> web.AppRunner:
-    """The REST bridge in this event loop, calling this server's own gRPC port over loopback."""
+async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
+    """The REST bridge in this event loop: HTTPS with the server's certificate when TLS is on.
+
+    It calls this server over a Unix socket only this user can open, so it needs no client certificate of its
+    own under mutual TLS; the API key still applies (the bridge forwards the caller's Authorization header).
+    """
     from rest_bridge import BridgeConfig, start_bridge
 
     bridge_config = BridgeConfig(
-        grpc_target=f"127.0.0.1:{grpc_port}", host=config.host, port=config.rest_port, log_level=config.log_level
+        grpc_target=grpc_target,
+        host=config.host,
+        port=config.rest_port,
+        log_level=config.log_level,
+        header_timeout_s=config.rest_header_timeout_s,
+        body_timeout_s=config.rest_body_timeout_s,
+        max_connections=config.rest_max_connections,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        tls_client_ca=config.tls_client_ca,
     )
     runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
     return runner
@@ -47,7 +60,7 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         return 1
     try:
-        bridge = await _start_bridge(config, server.port) if config.rest_port else None
+        bridge = await _start_bridge(config, server.local_target) if config.rest_port else None
     except OSError as exc:  # e.g. the REST port is taken
         log.error("cannot start: REST bridge on %s:%d: %s", config.host, config.rest_port, exc)
         await server.stop(0)

@@ -19,6 +19,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.batcher import Batcher, BatchLimits
 from server.config import Config, ConfigError
+from server.connections import LocalSocket, connection_options, ensure_fd_limit
 from server.interceptors import ServerInterceptor
 from server.logs import fields
 from server.metrics import Metrics
@@ -81,9 +82,11 @@ class RerankServer:
         self.interceptor = ServerInterceptor(config, self.metrics, self.service.admission)
         self.server = grpc.aio.server(
             interceptors=[self.interceptor],
-            options=[("grpc.max_receive_message_length", max_receive_bytes(config))],
+            options=[("grpc.max_receive_message_length", max_receive_bytes(config)), *connection_options(config)],
         )
         self.port = 0
+        self.local_target = ""  # with --rest-port: the Unix socket the in-process bridge calls (server/connections.py)
+        self._local = LocalSocket()
         self.metrics_port = 0
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer", initializer=_yield_to_event_loop)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -111,6 +114,9 @@ class RerankServer:
                 f"cannot listen on {address} for gRPC: the port is in use or the address is not this machine's"
                 + (", or the TLS certificate and key do not match" if c.tls else "")
             ) from None
+        if c.rest_port:
+            self.local_target = self._local.bind(self.server)
+        ensure_fd_limit(c)
         if c.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
@@ -163,6 +169,9 @@ class RerankServer:
             "max_text_chars": c.max_text_chars,
             "max_receive_bytes": max_receive_bytes(c),
             "max_concurrent_rpcs": c.max_concurrent_rpcs,
+            "max_connections": c.max_connections,
+            "handshake_timeout_s": c.handshake_timeout_s,
+            "max_connection_idle_s": c.max_connection_idle_s,
             "grace_s": c.grace_s,
             "version": __version__,
         }
@@ -184,3 +193,4 @@ class RerankServer:
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
+        self._local.remove()

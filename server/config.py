@@ -40,6 +40,13 @@ class Config:
     tls_cert: str = ""  # PEM files; both empty = plaintext
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
+    handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
+    max_connections: int = 4000  # gRPC port: open connections; past it new ones are closed at once
+    max_connection_idle_s: float = 300.0  # gRPC: GOAWAY to connections without a call this long; 0 = never
+    rest_header_timeout_s: float = 10.0  # REST: connect (or the last response) to complete request headers
+    rest_body_timeout_s: float = 30.0  # REST: complete headers to the whole body, else 408
+    rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -56,6 +63,10 @@ class Config:
         if not 0 <= self.rest_port <= 65535:
             raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
         positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
+        positive += ("handshake_timeout_s", "max_connections", "rest_header_timeout_s", "rest_body_timeout_s")
+        positive += ("rest_max_connections",)
+        if self.max_connection_idle_s < 0:
+            raise ConfigError(f"max_connection_idle_s must be 0 (never) or positive, got {self.max_connection_idle_s}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -82,11 +93,6 @@ class Config:
             raise ConfigError(f"{given} is set but {missing} is not: TLS needs both the certificate and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key as well")
-        if self.tls_cert and self.rest_port:
-            raise ConfigError(
-                "--rest-port cannot be combined with --tls-cert: the REST bridge calls gRPC in plaintext; "
-                "put a TLS-terminating proxy in front of a plaintext server and bridge instead"
-            )
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
@@ -195,9 +201,51 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--rest-port",
         type=int,
         default=d["rest_port"],
-        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port, HTTPS with --tls-cert; "
+        "0 = off (%(default)s)",
     )
+    _add_connection_flags(p, d)
     return p
+
+
+def _add_connection_flags(p: argparse.ArgumentParser, d: Mapping[str, object]) -> None:
+    """Bounds on slow, idle and excess connections, on both ports."""
+    p.add_argument(
+        "--handshake-timeout-s",
+        type=float,
+        default=d["handshake_timeout_s"],
+        help="gRPC: seconds from connect to a complete HTTP/2 (and TLS) handshake (%(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=d["max_connections"],
+        help="gRPC: open connections; past it new ones are closed at once (%(default)s)",
+    )
+    p.add_argument(
+        "--max-connection-idle-s",
+        type=float,
+        default=d["max_connection_idle_s"],
+        help="gRPC: close connections without a call for this long; 0 = never (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-header-timeout-s",
+        type=float,
+        default=d["rest_header_timeout_s"],
+        help="REST: seconds from connect (or the last response) to complete request headers (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-body-timeout-s",
+        type=float,
+        default=d["rest_body_timeout_s"],
+        help="REST: seconds to receive the whole body once the headers are in; then 408 (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-max-connections",
+        type=int,
+        default=d["rest_max_connections"],
+        help="REST: open connections; past it new ones get 503 at once (%(default)s)",
+    )
 
 
 def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -1,6 +1,7 @@
 """`python -m server.healthcheck`: exit 0 only when the server's grpc.health.v1 answers SERVING.
 
-The container's HEALTHCHECK runs it; it imports neither torch nor the model code, so it starts fast.
+The container's HEALTHCHECK (and the TLS variant's Kubernetes probes) run it; it imports neither torch nor the
+model code, so it starts fast.
 """
 
 from __future__ import annotations
@@ -12,12 +13,34 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import load_config
+from server.config import Config, load_config
 
 
-def check(target: str, service: str = "", timeout: float = 3.0) -> str:
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """TLS trusting `ca`; with `cert` and `key`, a client certificate too (for a mutual-TLS server)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca),
+        private_key=_read(key) if key else None,
+        certificate_chain=_read(cert) if cert else None,
+    )
+
+
+def check(
+    target: str,
+    service: str = "",
+    timeout: float = 3.0,
+    tls: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
+) -> str:
     """The health status name for `service` at `target`, or the gRPC error code name when the call fails."""
-    with grpc.insecure_channel(target) as channel:
+    options = [("grpc.ssl_target_name_override", server_name)] if tls is not None and server_name else []
+    channel = grpc.secure_channel(target, tls, options) if tls is not None else grpc.insecure_channel(target)
+    with channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -27,8 +50,7 @@ def check(target: str, service: str = "", timeout: float = 3.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-def _local_target() -> str:
-    config = load_config([])  # the same RERANKER_* variables the server started with
+def _local_target(config: Config) -> str:
     host = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else config.host
     return f"[{host}]:{config.port}" if ":" in host else f"{host}:{config.port}"
 
@@ -42,10 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--service", default="", help='service name to ask about ("" = the whole server)')
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up (%(default)s)")
+    parser.add_argument("--tls-ca", default="", help="PEM CA of the server's certificate: ask over TLS")
+    parser.add_argument("--tls-cert", default="", help="PEM client certificate, for a mutual-TLS server")
+    parser.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-server-name", default="localhost", help="name to verify in the server's certificate (%(default)s)"
+    )
     args = parser.parse_args(argv)
-    target = args.target or _local_target()
-    status = check(target, args.service, args.timeout)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    config = load_config([])  # the same RERANKER_* variables the server started with
+    target = args.target or _local_target(config)
+    try:
+        tls = credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    except OSError as exc:
+        parser.error(f"cannot read a TLS file: {exc}")
+    status = check(target, args.service, args.timeout, tls, args.tls_server_name)
     print(f"{target}: {status}")
+    if status != "SERVING" and tls is None and config.tls and not args.target:
+        print(
+            "the server serves TLS (RERANKER_TLS_CERT is set): pass --tls-ca, and for mutual TLS --tls-cert/--tls-key"
+        )
     return 0 if status == "SERVING" else 1
 
 

@@ -1,0 +1,127 @@
+"""The REST port against slow and vanished clients: header and body deadlines, a connection cap, TLS.
+
+- Headers: aiohttp's keep-alive timer runs from the connection's start (and from the end of each response)
+  and closes a connection whose next request's headers are not complete by then, so `header_timeout_s` is
+  passed to aiohttp as `keepalive_timeout`. The TLS handshake gets the same bound.
+- Body: `body_middleware` reads the whole body within `body_timeout_s` (408 otherwise) before any handler.
+- Connections: past `max_connections` open ones, a new connection gets an immediate 503 and is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+access_log = logging.getLogger("rest_bridge.access")
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LINGER_S = 2.0  # after an early answer (408, 413), how long unread body bytes are still drained before closing
+WARN_EVERY_S = 10.0
+
+
+def ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
+    """HTTPS with `cert`/`key`; with `client_ca`, clients must present a certificate it signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def body_middleware(body_timeout_s: float) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Read the request body within `body_timeout_s`; a client gone mid-body is one INFO access line."""
+
+    @web.middleware
+    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(body_timeout_s):
+                    await request.read()  # cached: the handlers' read() and json() use the same bytes
+            except TimeoutError:
+                message = f"the request body did not arrive within {body_timeout_s:g} s (--rest-body-timeout-s)"
+                _access(request, 408, start, message)
+                raise web.HTTPRequestTimeout(reason=message) from None
+            except ConnectionError:
+                _access(request, 499, start, "the client closed the connection before sending the whole body")
+                return web.Response(status=400)  # nobody is there to read it
+        return await handler(request)
+
+    return read_body
+
+
+def _access(request: web.Request, status: int, start: float, reason: str) -> None:
+    ms = (time.perf_counter() - start) * 1e3
+    access_log.info("rest %s %s status=%d ms=%.1f: %s", request.method, request.path, status, ms, reason)
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers 503 at once and closes: the connection cap is reached."""
+
+    def __init__(self, limit: int) -> None:
+        text = f"too many open connections: the limit is {limit} (--rest-max-connections); retry shortly"
+        body = json.dumps({"error": text, "status": 503}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self._response = head.encode() + body
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self._response)  # type: ignore[attr-defined]
+        transport.close()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCPSite that caps open connections and bounds the TLS handshake."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        handshake_timeout_s: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=1024)
+        self._max_connections = max_connections
+        self._handshake_timeout_s = handshake_timeout_s
+        self._refused = 0
+        self._warned_at = -WARN_EVERY_S
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner; the server is created here
+        self._server = await asyncio.get_running_loop().create_server(
+            self._accept,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._handshake_timeout_s if self._ssl_context else None,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    def _accept(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) < self._max_connections:
+            return server()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY_S:  # one line per interval, however hard the port is hit
+            self._warned_at = now
+            log.warning(
+                "refused %d connection(s) so far: %d are open, the limit (--rest-max-connections)",
+                self._refused,
+                self._max_connections,
+            )
+        return _Refuse(self._max_connections)
