@@ -204,8 +204,11 @@ def test_operations_settings_come_from_flags_and_environment(pki: Pki) -> None:
         Config(port=9000, metrics_port=9000)
     with pytest.raises(ConfigError, match="max_concurrent_rpcs must be"):
         Config(max_concurrent_rpcs=-1)
-    with pytest.raises(ConfigError, match="--rest-port cannot be combined with --tls-cert"):
-        Config(rest_port=6009, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    assert Config(rest_port=6009, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)).tls  # HTTPS bridge
+    with pytest.raises(ConfigError, match="max_connections must be positive"):
+        Config(max_connections=0)
+    with pytest.raises(ConfigError, match="max_connection_idle_s must be 0 .never. or positive"):
+        Config(max_connection_idle_s=-1)
     with pytest.raises(ConfigError, match="log_level must be one of DEBUG, INFO"):
         Config(log_level="LOUD")
     assert Config(log_level="debug").log_level == "debug"
