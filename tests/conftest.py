@@ -16,12 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from reranker_proto import reranker_pb2_grpc as pb_grpc  # noqa: E402
 from server.app import RerankServer  # noqa: E402
 from server.config import Config  # noqa: E402
+from tests.pki import Pki, make_pki  # noqa: E402
 from tools.make_model import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-reranker"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,15 @@ def rss_kib(pid: int) -> int:
 class ServerProcess:
     """Starts `python -m server` and waits until health says SERVING; `stop()` ends it by its pid."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        *args: str,
+        start_timeout: float = 120.0,
+        credentials: grpc.ChannelCredentials | None = None,  # a TLS server: how to ask its health
+    ) -> None:
+        self._credentials = credentials
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -64,7 +72,13 @@ class ServerProcess:
 
     def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        if self._credentials is None:
+            channel = grpc.insecure_channel(self.target)
+        else:
+            channel = grpc.secure_channel(
+                self.target, self._credentials, [("grpc.ssl_target_name_override", "localhost")]
+            )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
