@@ -14,6 +14,7 @@ import json
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -79,6 +80,39 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted as open until the connection is lost.
+
+    Counted from creation: asyncio creates protocols for a burst of accepted sockets before any of them is
+    connected, so counting aiohttp's connected handlers would let a burst through the cap.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, site: GuardedSite) -> None:
+        self._inner = inner
+        site.open_connections += 1
+        # Also released when the connection never starts (a failed TLS handshake): then connection_lost never comes.
+        self._release = weakref.finalize(self, site.release)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        self._inner.connection_lost(exc)
+
+
 class GuardedSite(web.TCPSite):
     """A TCPSite that caps open connections and bounds the TLS handshake."""
 
@@ -95,6 +129,7 @@ class GuardedSite(web.TCPSite):
         super().__init__(runner, host, port, ssl_context=ssl_context, backlog=1024)
         self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
+        self.open_connections = 0
         self._refused = 0
         self._warned_at = -WARN_EVERY_S
 
@@ -110,11 +145,14 @@ class GuardedSite(web.TCPSite):
         )
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
+    def release(self) -> None:
+        self.open_connections -= 1
+
     def _accept(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) < self._max_connections:
-            return server()
+        if self.open_connections < self._max_connections:
+            return _Counted(server(), self)
         self._refused += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY_S:  # one line per interval, however hard the port is hit

@@ -1,0 +1,206 @@
+"""Slow, idle, vanished and excess connections on both ports, bounded and on loopback.
+
+`python -m pytest -s tests/test_slow_clients.py` prints the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import RerankerClient, Retry, UnavailableError
+from rest_bridge import BridgeConfig, start_bridge
+from server.app import RerankServer
+from tests.conftest import test_config
+from tests.ops_helpers import free_port
+from tests.subprocess_server import ServerProcess
+
+PER_PORT = 1500  # trickling connections on each port
+HEADER_S, BODY_S, HANDSHAKE_S = 1.0, 2.0, 1.0
+LINGER_S = 2.0  # rest_bridge/guard.py: unread body bytes after an early answer, then the close
+SLACK_S = 3.0  # a busy 2-core machine
+QUERY, CANDIDATES = "what is panda?", ["hi", "The giant panda is a bear species endemic to China."]
+BODY = json.dumps({"query": QUERY, "documents": CANDIDATES}).encode()
+
+
+@pytest.fixture(autouse=True)
+def _enough_file_descriptors() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * PER_PORT:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * PER_PORT), hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 3 * PER_PORT:
+        pytest.skip(f"needs {3 * PER_PORT} open files; the hard limit is {hard}")
+
+
+# What each kind of slow client sends at once, then one byte a second until the server closes the connection.
+ATTACKS = {
+    "rest: nothing": (b"", b""),
+    "rest: headers, a byte a second": (b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\n", b"X-Slow: " + b"a" * 60),
+    "rest: 100 kB body, a byte a second": (
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+        b" " * 60,
+    ),
+    "grpc: nothing": (b"", b""),
+    "grpc: preface, a byte a second": (b"", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+}
+
+
+async def _attacker(port: int, kind: str) -> tuple[str, float]:
+    """Open a connection, behave as `kind`, and return how long the server took to close it."""
+    first, drip = ATTACKS[kind]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    closed = asyncio.ensure_future(reader.read(-1))
+    try:
+        writer.write(first)
+        for byte in drip:
+            done, _ = await asyncio.wait({closed}, timeout=1.0)
+            if done:
+                break
+            writer.write(bytes([byte]))
+        await asyncio.wait_for(closed, 30)
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+    return kind, time.monotonic() - started
+
+
+def _callers(grpc_target: str, rest_port: int, stop: threading.Event, outcomes: Counter[str]) -> None:
+    """A normal client on each port, one call after another, until `stop`."""
+    with RerankerClient(grpc_target, retry=Retry(max_attempts=1), timeout=20) as client:
+        while not stop.is_set():
+            try:
+                assert len(client.rerank(QUERY, CANDIDATES).scores) == 2
+                outcomes["grpc ok"] += 1
+            except Exception as exc:
+                outcomes[f"grpc {type(exc).__name__}"] += 1
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{rest_port}/v1/rerank", BODY, {"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=20) as resp:
+                    outcomes["rest ok" if resp.status == 200 else f"rest {resp.status}"] += 1
+            except Exception as exc:
+                outcomes[f"rest {type(exc).__name__}"] += 1
+            time.sleep(0.05)
+
+
+async def test_slowloris_on_both_ports_is_closed_in_time_and_callers_are_served(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    rest_port = free_port()
+    srv = ServerProcess(
+        model_dir,
+        tmp_path / "server.log",
+        *("--rest-port", str(rest_port), "--threads", "1"),
+        *("--handshake-timeout-s", str(HANDSHAKE_S), "--max-connections", str(4 * PER_PORT)),
+        *("--rest-header-timeout-s", str(HEADER_S), "--rest-body-timeout-s", str(BODY_S)),
+        *("--rest-max-connections", str(4 * PER_PORT)),
+    )
+    limits = {
+        "rest: nothing": HEADER_S,
+        "rest: headers, a byte a second": HEADER_S,
+        "rest: 100 kB body, a byte a second": HEADER_S + BODY_S + LINGER_S,
+        "grpc: nothing": HANDSHAKE_S,
+        "grpc: preface, a byte a second": HANDSHAKE_S,
+    }
+    stop, outcomes = threading.Event(), Counter[str]()
+    callers = threading.Thread(target=_callers, args=(srv.target, rest_port, stop, outcomes), daemon=True)
+    try:
+        callers.start()
+        start = time.monotonic()
+        kinds = list(limits)
+        attacks = [
+            _attacker(rest_port if kind.startswith("rest") else srv.port, kind)
+            for i in range(PER_PORT)
+            for kind in (kinds[i % 3], kinds[3 + i % 2])
+        ]
+        results = await asyncio.gather(*attacks)
+        elapsed = time.monotonic() - start
+        stop.set()
+        await asyncio.to_thread(callers.join, 60)
+    finally:
+        stop.set()
+        srv.stop()
+    log = srv.log()
+    slowest: dict[str, float] = {}
+    for kind, seconds in results:
+        slowest[kind] = max(slowest.get(kind, 0.0), seconds)
+    print(
+        f"\nslowloris: {len(results)} connections ({PER_PORT} per port) in {elapsed:.1f} s; "
+        f"slowest close by kind (s): { {k: round(v, 2) for k, v in slowest.items()} }; callers: {dict(outcomes)}"
+    )
+    for kind, seconds in slowest.items():
+        assert seconds <= limits[kind] + SLACK_S, (kind, seconds)
+    assert outcomes["grpc ok"] >= 3 and outcomes["rest ok"] >= 3
+    assert set(outcomes) == {"grpc ok", "rest ok"}, outcomes  # every normal call was served
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+    assert "refused" not in log  # below the caps: closed by the timeouts, not turned away
+
+
+async def test_past_the_connection_caps_new_connections_are_refused_clearly(
+    model_dir: Path, engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = RerankServer(test_config(model_dir, max_connections=8), engine=engine)
+    await srv.start()
+    bridge, rest_port = await start_bridge(
+        BridgeConfig(grpc_target=f"127.0.0.1:{srv.port}", host="127.0.0.1", port=0, max_connections=8)
+    )
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for port in (srv.port, rest_port):
+            for _ in range(8):
+                idle.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        reader, _ = await asyncio.open_connection("127.0.0.1", rest_port)
+        refusal = await asyncio.wait_for(reader.read(-1), 10)
+        assert refusal.startswith(b"HTTP/1.1 503 ")
+        assert b"too many open connections: the limit is 8 (--rest-max-connections)" in refusal
+
+        def grpc_call() -> None:
+            with RerankerClient(f"127.0.0.1:{srv.port}", retry=Retry(max_attempts=1), timeout=5) as client:
+                client.model_info()
+
+        with pytest.raises(UnavailableError):  # gRPC closes the connection at once; the client may retry later
+            await asyncio.to_thread(grpc_call)
+        for writer in idle:
+            writer.close()
+        idle.clear()
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(grpc_call)  # served again once connections are free
+    finally:
+        for writer in idle:
+            writer.close()
+        await bridge.cleanup()
+        await srv.stop(0)
+
+
+async def test_a_client_gone_mid_body_is_one_info_line(model_dir: Path, engine: Any, caplog: Any) -> None:
+    srv = RerankServer(test_config(model_dir), engine=engine)
+    await srv.start()
+    bridge, rest_port = await start_bridge(BridgeConfig(grpc_target=f"127.0.0.1:{srv.port}", host="127.0.0.1", port=0))
+    try:
+        with caplog.at_level(logging.INFO):
+            _, writer = await asyncio.open_connection("127.0.0.1", rest_port)
+            writer.write(b'POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"query": ')
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()  # vanish mid-body
+            await asyncio.sleep(0.5)
+        lines = [r for r in caplog.records if r.name.startswith("rest_bridge")]
+        gone = [r for r in lines if "closed the connection before sending the whole body" in r.getMessage()]
+        assert len(gone) == 1 and gone[0].levelno == logging.INFO and gone[0].name == "rest_bridge.access"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        await bridge.cleanup()
+        await srv.stop(0)
