@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -20,9 +21,14 @@ from server import healthcheck
 from server.app import HEALTH_SERVICES, RerankServer
 from server.config import Config
 from tests.conftest import test_config
+from tests.kustomize import render
+from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = [K8S, K8S / "gpu", K8S / "tls"]
+KUBERNETES_VERSION = "1.33"  # the oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27)
+TLS_DIR = "/etc/reranker/tls"
 DEFAULTS = Config()
 MODEL_MOUNT = "/home/app/model"
 LEGACY_MODEL_DIR = f"{MODEL_MOUNT}/bge-reranker-base"
@@ -324,7 +330,7 @@ def test_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     assert 0 < int(env["RERANKER_THREADS"]) <= int(c["resources"]["limits"]["cpu"])
 
 
-@pytest.mark.parametrize("folder", [K8S, K8S / "gpu"], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("folder", OVERLAYS, ids=["cpu", "gpu", "tls"])
 def test_manifests_are_well_formed(folder: Path) -> None:
     for doc in manifests(folder):
         assert {"apiVersion", "kind"} <= set(doc), doc
@@ -378,3 +384,84 @@ def test_the_images_entrypoint_and_env_serve_grpc_and_rest(model_dir: Path, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- Kubernetes: rendered, against the API schemas --------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", OVERLAYS, ids=["cpu", "gpu", "tls"])
+def test_rendered_manifests_validate_against_the_kubernetes_api_schemas(folder: Path) -> None:
+    docs = render(folder)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    for doc in docs:  # strict: an unknown or misspelt field fails too
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{folder.name} {doc['kind']}/{doc['metadata']['name']} {path}: {exc.message}")
+
+
+def _rendered_container(folder: Path) -> dict[str, Any]:
+    (deployment,) = [d for d in render(folder) if d["kind"] == "Deployment"]
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_overlays_keep_the_base_and_change_only_what_they_say() -> None:
+    base, gpu, tls = (_rendered_container(f) for f in OVERLAYS)
+    assert gpu["image"].endswith("-cuda") and gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container_env(gpu)["RERANKER_MODEL"] == container_env(base)["RERANKER_MODEL"]  # env merged by name
+    assert gpu["startupProbe"] == base["startupProbe"]
+    assert tls["image"] == base["image"] and tls["ports"] == base["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        handlers = {"grpc", "exec", "httpGet", "tcpSocket"} & set(tls[probe])
+        assert handlers == {"exec"}, f"{probe} must have exactly one handler, got {handlers}"
+
+
+def _tls_pod_env(tls_dir: Path) -> dict[str, str]:
+    env = container_env(_rendered_container(K8S / "tls"))
+    return {k: v.replace(TLS_DIR, str(tls_dir)) for k, v in env.items()}
+
+
+def test_tls_overlay_mounts_the_secret_where_the_env_points() -> None:
+    (deployment,) = [d for d in render(K8S / "tls") if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["tls"]["mountPath"] == TLS_DIR and mounts["tls"]["readOnly"] is True
+    assert volumes["tls"]["secret"]["secretName"] == "reranker-tls"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # the key is group-readable
+    env = container_env(c)
+    assert {env["RERANKER_TLS_CERT"], env["RERANKER_TLS_KEY"]} == {f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"}
+    assert {f.name for f in fields(Config)} >= {k.removeprefix("RERANKER_").lower() for k in env}
+
+
+async def test_tls_overlays_probes_pass_against_a_tls_server(
+    model_dir: Path, engine: Any, pki: Pki, tmp_path: Path
+) -> None:
+    """Each probe command of the rendered TLS Deployment, run as the kubelet would, with the Secret's files."""
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for name, source in (("tls.crt", pki.server_cert), ("tls.key", pki.server_key), ("ca.crt", pki.ca)):
+        (tls_dir / name).write_bytes(source.read_bytes())
+    env = _tls_pod_env(tls_dir)
+    srv = RerankServer(
+        test_config(model_dir, tls_cert=env["RERANKER_TLS_CERT"], tls_key=env["RERANKER_TLS_KEY"]), engine
+    )
+    await srv.start()
+    try:
+        probe_env = {**os.environ, **env, "RERANKER_HOST": "127.0.0.1", "RERANKER_PORT": str(srv.port)}
+        probe_env["RERANKER_MODEL"] = str(model_dir)
+        c = _rendered_container(K8S / "tls")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = [arg.replace(TLS_DIR, str(tls_dir)) for arg in c[probe]["exec"]["command"]]
+            assert command[:3] == ["python", "-m", "server.healthcheck"]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *command[1:], cwd=ROOT, env=probe_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            out, _ = await proc.communicate()
+            assert await proc.wait() == 0, f"{probe}: {out.decode()}"
+            assert out.decode().strip().endswith(": SERVING")
+    finally:
+        await srv.stop(0)
