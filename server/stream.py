@@ -54,7 +54,9 @@ async def answer_stream(
     drained = False
     try:
         while reading is not None or pending:
-            waiting = pending | {stopping} | ({reading} if reading is not None else set())
+            waiting = set(pending)
+            if reading is not None:
+                waiting |= {reading, stopping}  # once not reading, the drain no longer matters here
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if reading is not None and reading in done:
                 request, reading = reading.result(), None

@@ -293,6 +293,7 @@ async def test_sigterm_mid_stream_loses_no_accepted_request(model_dir: Path, tmp
     print(f"\nSIGTERM mid-stream: {sent} sent, {len(got)} answered, server: {counts}, end: {err.value.message!r}")
     assert signal_after <= len(got) < total and len({a.request_id for a in got}) == len(got)
     assert int(counts["requests"]) == int(counts["answered"]) == len(got) and counts["errors"] == "0"
+    assert "code=UNAVAILABLE" in line
     for a in got:  # every accepted request was answered in full
         i = int(a.request_id[1:])
         r = stream_request(i)
