@@ -1,11 +1,12 @@
 """RerankStream vs unary Rerank at the same concurrency: pairs/s and per-request latency.
 
-`python -m bench.stream [--model DIR | --shape tiny|base] [--seconds 5] [--rounds 2] [--no-write]`
+`python -m bench.stream [--model DIR | --shape tiny|base] [--seconds 5] [--rounds 3] [--no-write]`
 Starts one `python -m server` on 127.0.0.1 and sends 1 query x 20 candidates requests, 64 in flight:
 - unary: 64 callers over 4 channels (16 each), each awaiting its Rerank before sending the next;
 - stream: 4 RerankStreams (one per channel), each keeping 16 requests outstanding.
-The paths alternate --rounds times. Latency is from handing a request to gRPC to its answer. Results are
-printed and written into bench/README.md. Loopback only; the server is stopped by its pid.
+The paths alternate --rounds times; pairs/s counts to the last answer of each round, latency from handing a
+request to gRPC to its answer. Results are printed and written into bench/README.md. Loopback only; the
+server is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -95,13 +96,14 @@ async def stream(stubs: list[Any], pool: list[pb.RerankRequest], seconds: float)
     return latencies
 
 
-async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str, Any]]:
     pool = requests(CONCURRENCY * 4)
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
     stubs = [pb_grpc.RerankerStub(ch) for ch in channels]
     paths = {"64 unary callers": unary, "4 streams x 16": stream}
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     wall: dict[str, float] = dict.fromkeys(paths, 0.0)
+    per_round: dict[str, list[float]] = {name: [] for name in paths}
     try:
         async with asyncio.timeout(600):
             while True:  # until the model has loaded
@@ -119,7 +121,8 @@ async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str,
                 elapsed = time.perf_counter() - start
                 latencies[name] += done
                 wall[name] += elapsed
-                print(f"round {r + 1} {name:<18} {len(done) * CANDIDATES / elapsed:8.1f} pairs/s", flush=True)
+                per_round[name].append(len(done) * CANDIDATES / elapsed)
+                print(f"round {r + 1} {name:<18} {per_round[name][-1]:8.1f} pairs/s", flush=True)
     finally:
         for ch in channels:
             await ch.close()
@@ -129,6 +132,7 @@ async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str,
             "pairs_per_s": len(lat) * CANDIDATES / wall[name],
             "p50_ms": percentile(lat, 50) * 1e3,
             "p99_ms": percentile(lat, 99) * 1e3,
+            "rounds": per_round[name],  # type: ignore[dict-item]
         }
         for name, lat in latencies.items()
     }
@@ -170,12 +174,13 @@ def main() -> None:
     parser.add_argument("--model", help="model directory (default: a random-weight model of --shape)")
     parser.add_argument("--shape", choices=["tiny", "base"], default="tiny", help="random-weight model shape")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per path and round")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating unary/stream rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating unary/stream rounds")
     parser.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = one per core)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/README.md as it is")
     args = parser.parse_args()
     model = model_dir(args.shape, args.model)
     port = free_port()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         server_args = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
         server_args += ["--log-level", "WARNING", "--threads", str(args.threads)]
@@ -186,7 +191,8 @@ def main() -> None:
     note = (
         f"`python -m bench.stream --shape {args.shape} --seconds {args.seconds:g} --rounds {args.rounds}` on "
         f"{time.strftime('%Y-%m-%d')}: model {shape}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
-        f"Python {platform.python_version()}; 1 query x {CANDIDATES} candidates per request, {CONCURRENCY} in flight."
+        f"Python {platform.python_version()}; 1 query x {CANDIDATES} candidates per request, {CONCURRENCY} in flight; "
+        f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after."
     )
     text = report(results, note)
     print(text)
