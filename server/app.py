@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +24,9 @@ from server.interceptors import ServerInterceptor
 from server.logs import fields
 from server.metrics import Metrics
 from server.service import RerankerService, Scoring
+
+if TYPE_CHECKING:
+    from server.model import Batching
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,11 @@ class RerankServer:
         self.port = 0
         self.metrics_port = 0
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer", initializer=_yield_to_event_loop)
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        # Waits for the device's results, so the infer thread can queue the next batch meanwhile.
+        self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
+        # The tokenizer's Rust calls release the GIL: requests tokenize in parallel, never on the event loop.
+        self._tokenize_pool = ThreadPoolExecutor(config.tokenize_workers, thread_name_prefix="tokenize")
+        self.batching: Batching | None = None
         self._batcher: Batcher[object] | None = None
 
     async def bind(self) -> int:
@@ -129,12 +137,15 @@ class RerankServer:
             engine = await loop.run_in_executor(self._infer_pool, RerankerModel, self.config)
         await loop.run_in_executor(self._infer_pool, engine.warm_up)  # type: ignore[attr-defined]
         c = self.config
-        limits = BatchLimits(c.batch_size, c.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs)
+        self.batching = b = engine.batching(c)  # type: ignore[attr-defined]
+        window = max(1024, 8 * b.batch_size)  # room to sort a few batches' worth by length
+        limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
         self._batcher = Batcher(
-            engine.forward,  # type: ignore[attr-defined]
+            engine.launch,  # type: ignore[attr-defined]
             self._infer_pool,
             limits,
             on_batch=self.metrics.on_batch,
+            collect_executor=self._collect_pool,
         )
         self._batcher.start()
         self.metrics.watch_queue(lambda: self._batcher.queued_pairs if self._batcher else 0)
@@ -155,8 +166,10 @@ class RerankServer:
             "tls": "mutual" if c.tls_client_ca else c.tls,
             "api_key": bool(c.api_key),
             "max_length": c.max_length,
-            "batch_size": c.batch_size,
-            "max_batch_tokens": c.max_batch_tokens,
+            "batch_size": self.batching.batch_size if self.batching else c.batch_size,
+            "max_batch_tokens": self.batching.max_batch_tokens if self.batching else c.max_batch_tokens,
+            "batching": self.batching.source if self.batching else "",
+            "tokenize_threads": c.tokenize_workers,
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,
             "max_candidates": c.max_candidates,
@@ -182,5 +195,6 @@ class RerankServer:
         if self._batcher is not None:
             await self._batcher.stop()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._collect_pool.shutdown(wait=False, cancel_futures=True)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()

@@ -23,8 +23,9 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 50051
     max_length: int = 512
-    batch_size: int = 32
-    max_batch_tokens: int = 16384
+    batch_size: int = 0  # pairs per forward pass; 0 = sized for the device (CPU 32, CUDA from free memory)
+    max_batch_tokens: int = 0  # padded tokens per forward pass; 0 = sized for the device (CPU 16384)
+    tokenize_threads: int = 0  # 0 = half the cores, 1 to 8
     max_wait_ms: float = 2.0
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
@@ -55,16 +56,18 @@ class Config:
         self._check_security()
         if not 0 <= self.rest_port <= 65535:
             raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
-        positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
-        for name in positive:
+        for name in ("max_length", "max_candidates", "max_text_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("batch_size", "max_batch_tokens", "tokenize_threads", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (sized for the machine) or positive, got {getattr(self, name)}")
         if self.max_queue_pairs < self.max_candidates:
             raise ConfigError(
                 f"max_queue_pairs ({self.max_queue_pairs}) must be at least max_candidates "
                 f"({self.max_candidates}), or a full-size request could never be queued"
             )
-        if self.max_batch_tokens < self.max_length:
+        if 0 < self.max_batch_tokens < self.max_length:
             raise ConfigError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length})"
             )
@@ -95,6 +98,10 @@ class Config:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def tokenize_workers(self) -> int:
+        return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _env_name(field: str) -> str:
@@ -152,12 +159,24 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--host", default=d["host"], help="address to bind (%(default)s)")
     p.add_argument("--port", type=int, default=d["port"], help="gRPC port; 0 picks a free one (%(default)s)")
     p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per pair (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per forward pass (%(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help="pairs per forward pass; 0 = sized for the device: 32 on CPU, up to 256 on CUDA (%(default)s)",
+    )
     p.add_argument(
         "--max-batch-tokens",
         type=int,
         default=d["max_batch_tokens"],
-        help="padded tokens per forward pass (%(default)s)",
+        help="padded tokens per forward pass; 0 = sized for the device: 16384 on CPU, from free memory on CUDA "
+        "(%(default)s)",
+    )
+    p.add_argument(
+        "--tokenize-threads",
+        type=int,
+        default=d["tokenize_threads"],
+        help="threads tokenizing requests; 0 = half the cores, 1 to 8 (%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
     p.add_argument(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -32,6 +31,9 @@ class Engine(Protocol):
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
 
 
+TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
+
+
 @dataclass(frozen=True)
 class Scoring:
     """A loaded model and the batcher in front of it."""
@@ -39,6 +41,15 @@ class Scoring:
     engine: Engine
     batcher: Batcher[Any]
     tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
+
+    async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
+        """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
+        loop = asyncio.get_running_loop()
+        slices = [pairs[i : i + TOKENIZE_SLICE] for i in range(0, len(pairs), TOKENIZE_SLICE)]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self.tokenize_pool, self.engine.encode, s, max_length) for s in slices)
+        )
+        return [e for part in done for e in part]
 
 
 def sigmoid(x: float) -> float:
@@ -116,12 +127,8 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         pairs, documents = request_pairs(req, self.config)
         scoring = self._ready()
-        loop = asyncio.get_running_loop()
-        encode = functools.partial(scoring.engine.encode, pairs, req.max_length or None)
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
-        result = await scoring.batcher.submit_after(
-            len(pairs), lambda: loop.run_in_executor(scoring.tokenize_pool, encode)
-        )
+        result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
@@ -142,7 +149,7 @@ class RerankerService(pb_grpc.RerankerServicer):
                 max_candidates=c.max_candidates, max_text_chars=c.max_text_chars, max_length=c.max_length
             ),
             version=__version__,
-            batch_size=c.batch_size,
+            batch_size=self._ready().batcher.limits.max_pairs,
         )
 
 
