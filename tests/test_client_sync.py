@@ -50,7 +50,9 @@ def test_score_pairs_model_info_health(client: RerankerClient, live: ServerThrea
         flag_reranker.compute_score([list(p) for p in pairs]), abs=1e-6
     )
     info = client.model_info()
-    assert info.model == live.server.config.model and info.batch_size == live.server.config.batch_size
+    assert (
+        info.model == live.server.config.model and info.batch_size == live.server.batching.batch_size == 32
+    )  # CPU default
     assert client.health() == "SERVING"
     client.wait_until_ready(timeout=10)
 
