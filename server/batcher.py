@@ -121,6 +121,9 @@ class Batcher(Generic[Item]):
         self._on_batch = on_batch
         self._pending: list[_Pending[Item]] = []
         self._reserved = 0  # places promised to callers still preparing their items
+        self._open = 0  # submitted calls not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closed = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -164,6 +167,24 @@ class Batcher(Generic[Item]):
         if count == 0:
             return BatchResult([], 0, 0.0, 0.0)
         self._reserve(count)
+        self._open += 1
+        self._idle.clear()
+        try:
+            return await self._queue_and_wait(count, prepare)
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.set()
+
+    async def close_when_idle(self, timeout_s: float) -> None:
+        """Stop once every call already submitted is answered (a replaced model's batcher), or after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%d calls still waiting on a retired batcher after %.0f s: stopping it", self._open, timeout_s)
+        await self.stop()
+
+    async def _queue_and_wait(self, count: int, prepare: Callable[[], Awaitable[Sequence[Item]]]) -> BatchResult:
         try:
             items = await prepare()
         finally:

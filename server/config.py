@@ -15,9 +15,33 @@ class ConfigError(ValueError):
     """A flag or environment value that cannot be used."""
 
 
+def _model_name(spec: str) -> str:
+    """A bare path or hub id is named after its last path part: /models/bge-reranker-base -> bge-reranker-base."""
+    return spec.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parse_models(text: str) -> list[tuple[str, str]]:
+    """`NAME=PATH_OR_ID` or `PATH_OR_ID` specs, comma-separated, as (name, path or id); the first is the default."""
+    specs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, path = part.partition("=")
+        name, path = (name.strip(), path.strip()) if sep else (_model_name(part), part)
+        if not name or not path:
+            raise ConfigError(f"model {part!r}: use NAME=PATH_OR_ID or a bare path or hub id")
+        specs.append((name, path))
+    if not specs:
+        raise ConfigError("no model given: --model NAME=PATH_OR_ID (repeatable) or a bare path or hub id")
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models are named alike in {names}: give each its own NAME=")
+    return specs
+
+
 @dataclass(frozen=True)
 class Config:
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # one or more models, comma-separated NAME=PATH_OR_ID or PATH_OR_ID; first = default
     device: str = "auto"
     fp16: bool | None = None  # None: fp16 on CUDA, fp32 on CPU
     host: str = "0.0.0.0"
@@ -41,8 +65,12 @@ class Config:
     tls_cert: str = ""  # PEM files; both empty = plaintext
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    watch_models: float = 0.0  # poll the model directories every N seconds and reload changed ones; 0 = off
 
     def __post_init__(self) -> None:
+        parse_models(self.model)
+        if self.watch_models < 0:
+            raise ConfigError(f"watch_models must be 0 (off) or a number of seconds, got {self.watch_models}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port <= 65535:
@@ -100,6 +128,15 @@ class Config:
         return bool(self.tls_cert)
 
     @property
+    def models(self) -> list[tuple[str, str]]:
+        """(name, path or hub id) of every model to serve; the first is the default."""
+        return parse_models(self.model)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0][0]
+
+    @property
     def tokenize_workers(self) -> int:
         return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -122,6 +159,8 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     for f in fields(Config):
         raw = env.get(_env_name(f.name))
+        if f.name == "model" and env.get("RERANKER_MODELS"):
+            raw = env["RERANKER_MODELS"]  # the list form wins over the single model
         default = f.default
         if raw is None or raw == "":
             values[f.name] = default
@@ -148,7 +187,20 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         description="gRPC reranking service (FlagEmbedding cross-encoders). "
         "Every flag defaults to the RERANKER_<FLAG> environment variable, e.g. RERANKER_MODEL.",
     )
-    p.add_argument("--model", default=d["model"], help="Hugging Face model id or local model directory (%(default)s)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a model to serve: NAME=PATH_OR_ID, or a Hugging Face id or local directory (named after its last "
+        "part); repeat for several, the first is the default; RERANKER_MODELS takes a comma-separated list "
+        f"(default: {d['model']})",
+    )
+    p.add_argument(
+        "--watch-models",
+        type=float,
+        default=d["watch_models"],
+        help="check the model directories every N seconds and swap in changed weights (SIGHUP does it at once); "
+        "0 = off (%(default)s)",
+    )
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (%(default)s)")
     p.add_argument(
         "--fp16",
@@ -223,6 +275,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     """Parse flags (falling back to RERANKER_* variables) into a Config."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
+    args.model = ",".join(args.model) if args.model else _env_defaults(os.environ if env is None else env)["model"]
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:

@@ -19,10 +19,15 @@ class NotReady(RuntimeError):
     """The model is still loading or the server is stopping."""
 
 
+class UnknownModel(LookupError):
+    """The request names a model this server does not serve; the message lists the ones it does."""
+
+
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
 }
 
 

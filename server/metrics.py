@@ -60,6 +60,12 @@ class Metrics:
             buckets=_powers_of_two(64, config.max_batch_tokens or 131072),
             registry=r,
         )
+        self.model_reloads = Counter(
+            "reranker_model_reloads",
+            "Model weight replacements (SIGHUP or --watch-models), by model and result (ok, failed)",
+            ["model", "result"],
+            registry=r,
+        )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
         self.model_info = Info("reranker_model", "The model being served", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...

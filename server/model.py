@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,6 +115,42 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+# What decides a model's scores: its config, weights and tokenizer; hashed into its revision.
+_REVISION_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt")
+
+
+def model_files(path: str) -> list[str]:
+    """The files of a model directory that decide its scores, sorted (empty for a hub id)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(_REVISION_SUFFIXES) and not f.startswith(".")
+    )
+
+
+def files_signature(path: str) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times: a cheap look for a changed directory before hashing it."""
+    out = []
+    for f in model_files(path):
+        try:
+            st = os.stat(f)
+        except OSError:  # removed while we looked: changed
+            continue
+        out.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def revision(path: str) -> str:
+    """A short hash of the model's config, weights and tokenizer files (their bytes, not their dates)."""
+    digest = hashlib.blake2b(digest_size=6)
+    for f in model_files(path):
+        digest.update(os.path.basename(f).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_is_cross_encoder(path: str) -> None:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -153,11 +190,19 @@ def _decodes_in_rust(tokenizer: object) -> bool:
     return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
 
 
+def load_engine(config: Config, model: str, name: str) -> RerankerModel:
+    """Load `model` (hub id or directory) under `name` with the class its kind needs."""
+    return RerankerModel(config, model, name)
+
+
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
 
-    def __init__(self, config: Config) -> None:
-        self.name = config.model
+    def __init__(self, config: Config, model: str | None = None, name: str | None = None) -> None:
+        """Load `model` (a hub id or directory; default: the config's default model) under `name`."""
+        default_name, default_model = config.models[0]
+        model = model or default_model
+        self.name = name or default_name
         self.device = pick_device(config.device)
         on_cuda = self.device.startswith("cuda")
         self.fp16 = on_cuda if config.fp16 is None else (config.fp16 and on_cuda)
@@ -167,7 +212,8 @@ class RerankerModel:
         self.max_length = config.max_length
         if not on_cuda:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        path = resolve_model_path(config.model)
+        self.path = path = resolve_model_path(model)
+        self.revision = revision(path)
         _check_is_cross_encoder(path)
         _quiet_progress_bars()
         try:
@@ -180,11 +226,9 @@ class RerankerModel:
                 max_length=config.max_length,
             )
         except OSError as exc:
-            raise ModelLoadError(
-                f"could not load model {config.model!r}: {exc}. {_offline_help(config.model)}"
-            ) from None
+            raise ModelLoadError(f"could not load model {model!r}: {exc}. {_offline_help(model)}") from None
         except Exception as exc:  # a checkpoint FlagReranker cannot use
-            raise ModelLoadError(f"could not load model {config.model!r} as a reranker: {exc}") from None
+            raise ModelLoadError(f"could not load model {model!r} as a reranker: {exc}") from None
         limit = _model_token_limit(self.flag)
         if config.max_length > limit:
             raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
@@ -194,6 +238,7 @@ class RerankerModel:
             self.model.half()
         self.model.to(self.device)
         self.model.eval()
+        self.parameters = sum(p.numel() for p in self.model.parameters())
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)

@@ -16,7 +16,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.batcher import Batcher
 from server.config import Config
-from server.errors import InvalidRequest, NotReady, status_for
+from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.metrics import Metrics
 
 
@@ -24,9 +24,12 @@ class Engine(Protocol):
     """What the servicer needs from the model layer."""
 
     name: str
+    path: str
+    revision: str
     device: str
     dtype: str
     max_length: int
+    parameters: int
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
 
@@ -41,6 +44,7 @@ class Scoring:
     engine: Engine
     batcher: Batcher[Any]
     tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
+    batching: Any = None  # the budgets the batcher was given (server.model.Batching)
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
         """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
@@ -104,17 +108,26 @@ def build_response(
 
 
 class RerankerService(pb_grpc.RerankerServicer):
-    """Answers Rerank and GetModelInfo; `scoring` is None until the model has loaded."""
+    """Answers Rerank and GetModelInfo for the models in `models` (filled as they load, swapped on reload)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.scoring: Scoring | None = None
+        self.models: dict[str, Scoring] = {}  # one assignment swaps a model: calls in flight keep the old one
         self.metrics: Metrics | None = None
 
-    def _ready(self) -> Scoring:
-        if self.scoring is None:
-            raise NotReady("the model is still loading; retry shortly")
-        return self.scoring
+    @property
+    def scoring(self) -> Scoring | None:
+        """The default model, once loaded."""
+        return self.models.get(self.config.default_model)
+
+    def _ready(self, name: str = "") -> tuple[str, Scoring]:
+        name = name or self.config.default_model
+        scoring = self.models.get(name)
+        if scoring is not None:
+            return name, scoring
+        if name in dict(self.config.models):
+            raise NotReady(f"model {name!r} is still loading; retry shortly")
+        raise UnknownModel(f"model {name!r} is not served here; loaded models: {', '.join(self.models) or 'none yet'}")
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         return await _answer(context, lambda: self._rerank(request))
@@ -122,11 +135,11 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        return await _answer(context, self._model_info)
+        return await _answer(context, lambda: self._model_info(request.model))
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         pairs, documents = request_pairs(req, self.config)
-        scoring = self._ready()
+        name, scoring = self._ready(req.model)
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
         if self.metrics is not None:
@@ -135,13 +148,13 @@ class RerankerService(pb_grpc.RerankerServicer):
         usage = pb.Usage(
             pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
         )
-        return build_response(req, documents, result.scores, self.config.model, usage)
+        return build_response(req, documents, result.scores, name, usage)
 
-    async def _model_info(self) -> pb.GetModelInfoResponse:
-        engine = self._ready().engine
-        c = self.config
+    async def _model_info(self, name: str) -> pb.GetModelInfoResponse:
+        name, scoring = self._ready(name)
+        engine, c = scoring.engine, self.config
         return pb.GetModelInfoResponse(
-            model=c.model,
+            model=name,
             device=engine.device,
             dtype=engine.dtype,
             max_length=engine.max_length,
@@ -149,7 +162,9 @@ class RerankerService(pb_grpc.RerankerServicer):
                 max_candidates=c.max_candidates, max_text_chars=c.max_text_chars, max_length=c.max_length
             ),
             version=__version__,
-            batch_size=self._ready().batcher.limits.max_pairs,
+            batch_size=scoring.batcher.limits.max_pairs,
+            models=list(self.models),
+            revision=engine.revision,
         )
 
 

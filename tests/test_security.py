@@ -112,7 +112,7 @@ async def test_api_key_guards_the_reranker_but_not_health_or_reflection(serve: A
                 await client.model_info()
     async with AsyncRerankerClient(target, api_key=KEY) as client:
         assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
-        assert (await client.model_info()).model == srv.config.model
+        assert (await client.model_info()).model == srv.config.default_model
     async with AsyncRerankerClient(target) as client:  # no key: health still answers
         assert await client.health() == "SERVING"
     async with grpc.aio.insecure_channel(target) as ch:
@@ -138,7 +138,7 @@ async def test_tls_with_api_key(serve: Any, pki: Pki) -> None:
     async with AsyncRerankerClient(target, root_certificates=ca, tls_server_name="localhost", api_key=KEY) as client:
         assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
     async with AsyncRerankerClient(target, root_certificates=ca, api_key=KEY) as client:  # the IP is in the SAN too
-        assert (await client.model_info()).model == srv.config.model
+        assert (await client.model_info()).model == srv.config.default_model
     async with AsyncRerankerClient(target, api_key=KEY, retry=NO_RETRY, timeout=5) as client:  # plaintext
         with pytest.raises(RerankerError) as err:
             await client.model_info()
@@ -157,11 +157,11 @@ async def _mtls_call(port: int, pki: Pki, with_client_cert: bool) -> pb.GetModel
 
 async def test_mutual_tls_needs_a_client_certificate(serve: Any, pki: Pki) -> None:
     srv = await serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
-    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model
+    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.default_model
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _mtls_call(srv.port, pki, with_client_cert=False)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.model  # still serving
+    assert (await _mtls_call(srv.port, pki, with_client_cert=True)).model == srv.config.default_model  # still serving
 
 
 def test_security_settings_are_checked(pki: Pki, tmp_path: Path) -> None:
