@@ -15,7 +15,7 @@ class Pair(_message.Message):
     def __init__(self, query: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "request_id")
+    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "model", "request_id")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class RerankRequest(_message.Message):
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
@@ -31,8 +32,9 @@ class RerankRequest(_message.Message):
     top_n: int
     return_documents: bool
     max_length: int
+    model: str
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
     __slots__ = ("index", "score", "document")
@@ -89,8 +91,10 @@ class RerankStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[RerankResponse, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RequestLimits(_message.Message):
     __slots__ = ("max_candidates", "max_text_chars", "max_length")
@@ -103,7 +107,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_candidates: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size")
+    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size", "models", "revision")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +115,8 @@ class GetModelInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -118,4 +124,6 @@ class GetModelInfoResponse(_message.Message):
     limits: RequestLimits
     version: str
     batch_size: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedScalarFieldContainer[str]
+    revision: str
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., revision: _Optional[str] = ...) -> None: ...

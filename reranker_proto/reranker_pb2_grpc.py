@@ -66,7 +66,7 @@ class RerankerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the loaded model and the server's request limits.
+        """Describes a loaded model (the default one unless named) and the server's request limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

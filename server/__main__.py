@@ -53,6 +53,7 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reloader.request)  # swap in models whose files changed
     try:
         await server.bind()
     except ConfigError as exc:  # port in use, unreadable certificate, ...

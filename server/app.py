@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +24,11 @@ from server.connections import LocalSocket, connection_options, ensure_fd_limit
 from server.interceptors import ServerInterceptor
 from server.logs import fields
 from server.metrics import Metrics
+from server.reload import ModelReloader
 from server.service import RerankerService, Scoring
+
+if TYPE_CHECKING:
+    from server.model import Batching
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +74,17 @@ def _yield_to_event_loop() -> None:
         pass
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
 class RerankServer:
     """One gRPC server around one model. `start()` returns once SERVING; `stop()` drains and closes."""
 
-    def __init__(self, config: Config, engine: object | None = None) -> None:
+    def __init__(self, config: Config, engine: object | None = None, engines: dict[str, object] | None = None) -> None:
         self.config = config
-        self._engine = engine  # tests pass a loaded model to skip loading
+        # Tests pass loaded models (by name; `engine`: the default one) to skip loading.
+        self._engines = dict(engines or {}) | ({config.default_model: engine} if engine is not None else {})
         self.metrics = Metrics(config)
         self.service = RerankerService(config)
         self.service.metrics = self.metrics
@@ -89,8 +99,12 @@ class RerankServer:
         self._local = LocalSocket()
         self.metrics_port = 0
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer", initializer=_yield_to_event_loop)
-        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self._batcher: Batcher[object] | None = None
+        # Waits for the device's results, so the infer thread can queue the next batch meanwhile.
+        self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
+        # The tokenizer's Rust calls release the GIL: requests tokenize in parallel, never on the event loop.
+        self._tokenize_pool = ThreadPoolExecutor(config.tokenize_workers, thread_name_prefix="tokenize")
+        self.batching: Batching | None = None  # the default model's batch budgets
+        self.reloader = ModelReloader(self)
 
     async def bind(self) -> int:
         """Listen and answer health (NOT_SERVING) before the model is loaded."""
@@ -126,43 +140,70 @@ class RerankServer:
         return self.port
 
     async def load(self) -> None:
-        """Load and warm up the model off the event loop, then report SERVING."""
-        loop = asyncio.get_running_loop()
-        engine = self._engine
-        if engine is None:
-            from server.model import RerankerModel  # torch is imported only when a model is loaded
-
-            engine = await loop.run_in_executor(self._infer_pool, RerankerModel, self.config)
-        await loop.run_in_executor(self._infer_pool, engine.warm_up)  # type: ignore[attr-defined]
-        c = self.config
-        limits = BatchLimits(c.batch_size, c.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs)
-        self._batcher = Batcher(
-            engine.forward,  # type: ignore[attr-defined]
-            self._infer_pool,
-            limits,
-            on_batch=self.metrics.on_batch,
-        )
-        self._batcher.start()
-        self.metrics.watch_queue(lambda: self._batcher.queued_pairs if self._batcher else 0)
-        self.service.scoring = Scoring(engine, self._batcher, self._tokenize_pool)  # type: ignore[arg-type]
-        device, dtype = str(engine.device), str(engine.dtype)  # type: ignore[attr-defined]
-        self.metrics.model_info.info({"model": c.model, "device": device, "dtype": dtype, "version": __version__})
+        """Load and warm up every model off the event loop, then report SERVING."""
+        for name, spec in self.config.models:
+            engine = self._engines.pop(name, None) or await self.load_engine(name, spec)
+            self.service.models[name] = await self.serve_model(name, engine)
+        default = self.service.models[self.config.default_model]
+        self.batching = default.batching
+        self.metrics.watch_queue(lambda: sum(s.batcher.queued_pairs for s in self.service.models.values()))
+        engine = default.engine
+        device, dtype = str(engine.device), str(engine.dtype)
+        self.metrics.model_info.info(
+            {"model": self.config.default_model, "models": ",".join(self.service.models), "device": device,
+             "dtype": dtype, "version": __version__}
+        )  # fmt: skip
+        self.reloader.start()
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra=fields(model=c.model, device=device, dtype=dtype, **self._startup_fields()))
+        log.info(
+            "serving",
+            extra=fields(model=self.config.default_model, device=device, dtype=dtype, **self._startup_fields()),
+        )
+
+    async def load_engine(self, name: str, spec: str) -> object:
+        """Load one model on a thread of its own: a reload does not hold up the inference thread."""
+        from server.model import load_engine  # torch is imported only when a model is loaded
+
+        return await asyncio.to_thread(load_engine, self.config, spec, name)
+
+    async def serve_model(self, name: str, engine: Any) -> Scoring:
+        """Warm `engine` up and put a batcher in front of it; models on this device share its inference thread."""
+        await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up)
+        c = self.config
+        b = engine.batching(c)
+        window = max(1024, 8 * b.batch_size)  # room to sort a few batches' worth by length
+        limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
+        # Each model's worker awaits its launch before queuing another, so models alternate on the one thread.
+        batcher: Batcher[Any] = Batcher(
+            engine.launch, self._infer_pool, limits, on_batch=self.metrics.on_batch, collect_executor=self._collect_pool
+        )
+        batcher.start()
+        return Scoring(engine, batcher, self._tokenize_pool, b)
+
+    def batcher(self, name: str = "") -> Batcher[Any] | None:
+        """The batcher of a model (default: the default model), None until it is loaded."""
+        scoring = self.service.models.get(name or self.config.default_model)
+        return scoring.batcher if scoring else None
 
     def _startup_fields(self) -> dict[str, object]:
         """Ports and limits for the one startup line; never the API key itself."""
         c = self.config
         return {
+            "models": ", ".join(
+                f"{n}={s.engine.path} ({s.engine.device}, {s.engine.dtype}, {_millions(s.engine.parameters)} params)"
+                for n, s in self.service.models.items()
+            ),
             "grpc_port": self.port,
             "metrics_port": self.metrics_port,
             "rest_port": c.rest_port,  # the in-process REST bridge (server/__main__.py), 0 = off
             "tls": "mutual" if c.tls_client_ca else c.tls,
             "api_key": bool(c.api_key),
             "max_length": c.max_length,
-            "batch_size": c.batch_size,
-            "max_batch_tokens": c.max_batch_tokens,
+            "batch_size": self.batching.batch_size if self.batching else c.batch_size,
+            "max_batch_tokens": self.batching.max_batch_tokens if self.batching else c.max_batch_tokens,
+            "batching": self.batching.source if self.batching else "",
+            "tokenize_threads": c.tokenize_workers,
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,
             "max_candidates": c.max_candidates,
@@ -173,6 +214,7 @@ class RerankServer:
             "handshake_timeout_s": c.handshake_timeout_s,
             "max_connection_idle_s": c.max_connection_idle_s,
             "grace_s": c.grace_s,
+            "watch_models_s": c.watch_models,
             "version": __version__,
         }
 
@@ -188,9 +230,11 @@ class RerankServer:
         await self.health.enter_graceful_shutdown()
         await self.interceptor.drain(grace)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
-        if self._batcher is not None:
-            await self._batcher.stop()
+        await self.reloader.stop()
+        for scoring in self.service.models.values():
+            await scoring.batcher.stop()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._collect_pool.shutdown(wait=False, cancel_futures=True)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
         self._local.remove()

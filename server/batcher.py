@@ -2,6 +2,9 @@
 
 The queue holds pairs, not requests, so many small RPCs share one forward pass and one large RPC is
 split across several. Knows neither protobuf nor torch: items are opaque, with a token length.
+
+Batches are pipelined: `launch` starts a batch's forward pass and returns a function that waits for its
+scores; while a device computes batch k, batch k+1 is already formed, padded and queued behind it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class BatchLimits:
     max_wait_s: float = 0.002
     max_queue_pairs: int = 8192
     window: int = 1024  # oldest pending pairs considered when grouping by length (a max-size request fits)
+    depth: int = 2  # batches launched and not yet collected; 2 keeps the next batch queued behind the running one
 
 
 @dataclass
@@ -79,28 +83,55 @@ async def _ready(items: Sequence[Item]) -> Sequence[Item]:
     return items
 
 
+Collect = Callable[[], list[float]]  # waits for a launched batch's scores
+
+
+def eager(forward: Callable[[Sequence[Item]], list[float]]) -> Callable[[Sequence[Item]], Collect]:
+    """A `launch` for a plain blocking forward function: the scores are ready when it returns."""
+
+    def launch(items: Sequence[Item]) -> Collect:
+        scores = forward(items)
+        return lambda: scores
+
+    return launch
+
+
 class Batcher(Generic[Item]):
-    """Queue pairs from many callers; one worker runs `forward` on length-grouped batches off the loop."""
+    """Queue pairs from many callers; one worker launches length-grouped batches off the loop.
+
+    `launch` runs on `executor` (one thread: the device's), the functions it returns on `collect_executor`
+    (default: `executor`), so a wait for the device never holds up the launch of the next batch.
+    """
 
     def __init__(
         self,
-        forward: Callable[[Sequence[Item]], list[float]],
+        launch: Callable[[Sequence[Item]], Collect],
         executor: Executor,
         limits: BatchLimits,
         length: Callable[[Item], int] = len,  # type: ignore[assignment]
         on_batch: Callable[[int, int, float], None] | None = None,
+        collect_executor: Executor | None = None,
     ) -> None:
-        self._forward = forward
+        self._launch = launch
         self._executor = executor
+        self._collect_executor = collect_executor or executor
+        self._collecting: set[asyncio.Task[None]] = set()
         self._limits = limits
         self._length = length
         self._on_batch = on_batch
         self._pending: list[_Pending[Item]] = []
         self._reserved = 0  # places promised to callers still preparing their items
+        self._open = 0  # submitted calls not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closed = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self.stats = BatchStats()
+
+    @property
+    def limits(self) -> BatchLimits:
+        return self._limits
 
     @property
     def queued_pairs(self) -> int:
@@ -113,10 +144,11 @@ class Batcher(Generic[Item]):
     async def stop(self) -> None:
         """Stop the worker; callers still waiting get an error."""
         self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
+        tasks = [t for t in (self._worker, *self._collecting) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._worker = None
         for p in self._pending:
             if not p.job.abandoned:
                 p.job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -135,6 +167,24 @@ class Batcher(Generic[Item]):
         if count == 0:
             return BatchResult([], 0, 0.0, 0.0)
         self._reserve(count)
+        self._open += 1
+        self._idle.clear()
+        try:
+            return await self._queue_and_wait(count, prepare)
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.set()
+
+    async def close_when_idle(self, timeout_s: float) -> None:
+        """Stop once every call already submitted is answered (a replaced model's batcher), or after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%d calls still waiting on a retired batcher after %.0f s: stopping it", self._open, timeout_s)
+        await self.stop()
+
+    async def _queue_and_wait(self, count: int, prepare: Callable[[], Awaitable[Sequence[Item]]]) -> BatchResult:
         try:
             items = await prepare()
         finally:
@@ -170,14 +220,25 @@ class Batcher(Generic[Item]):
         self._pending = kept
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self._limits.depth)
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                await self._fill_wait()
-                batch = self._take_batch()
-                if batch:
-                    await self._run_batch(batch)
+                await slots.acquire()  # released when the batch's scores are delivered
+                batch = await self._next_batch()
+                collect = await self._launch_batch(batch) if batch else None
+                if collect is None:
+                    slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._collect(batch, collect, slots))
+                self._collecting.add(task)
+                task.add_done_callback(self._collecting.discard)
+
+    async def _next_batch(self) -> list[_Pending[Item]]:
+        if self._pending:
+            await self._fill_wait()
+        return self._take_batch()
 
     async def _fill_wait(self) -> None:
         """Wait briefly for more pairs when the batch is not full, so concurrent callers share it."""
@@ -220,24 +281,40 @@ class Batcher(Generic[Item]):
         self._pending = [p for p in live if id(p) not in taken]
         return batch
 
-    async def _run_batch(self, batch: list[_Pending[Item]]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float] | None:
+        """Start the batch's forward pass; None if it failed (its callers have the error)."""
         start = time.perf_counter()
         for p in batch:
             if p.job.started is None:
                 p.job.started = start
         try:
-            scores = await loop.run_in_executor(self._executor, self._forward, [p.item for p in batch])
-            if len(scores) != len(batch):
-                raise RuntimeError(f"model returned {len(scores)} scores for {len(batch)} pairs")
+            collect = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._launch, [p.item for p in batch]
+            )
         except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
             self._fail(batch, RuntimeError("the server is shutting down"))
             raise
         except Exception as exc:  # a model error fails only the callers in this batch
-            log.exception("forward pass failed for a batch of %d pairs", len(batch))
-            self.stats.failed_batches += 1
-            self._fail(batch, exc)
+            self._failed(batch, exc)
+            return None
+        return collect, start
+
+    async def _collect(
+        self, batch: list[_Pending[Item]], launched: tuple[Collect, float], slots: asyncio.Semaphore
+    ) -> None:
+        collect, start = launched
+        try:
+            scores = await asyncio.get_running_loop().run_in_executor(self._collect_executor, collect)
+            if len(scores) != len(batch):
+                raise RuntimeError(f"model returned {len(scores)} scores for {len(batch)} pairs")
+        except asyncio.CancelledError:
+            self._fail(batch, RuntimeError("the server is shutting down"))
+            raise
+        except Exception as exc:
+            self._failed(batch, exc)
             return
+        finally:
+            slots.release()
         elapsed = time.perf_counter() - start
         self.stats.batches += 1
         self.stats.pairs += len(batch)
@@ -247,6 +324,11 @@ class Batcher(Generic[Item]):
             job.inference_s += elapsed
         for p, score in zip(batch, scores, strict=True):
             self._deliver(p, score)
+
+    def _failed(self, batch: list[_Pending[Item]], exc: Exception) -> None:
+        log.error("forward pass failed for a batch of %d pairs", len(batch), exc_info=exc)
+        self.stats.failed_batches += 1
+        self._fail(batch, exc)
 
     def _deliver(self, p: _Pending[Item], score: float) -> None:
         job = p.job

@@ -15,16 +15,41 @@ class ConfigError(ValueError):
     """A flag or environment value that cannot be used."""
 
 
+def _model_name(spec: str) -> str:
+    """A bare path or hub id is named after its last path part: /models/bge-reranker-base -> bge-reranker-base."""
+    return spec.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parse_models(text: str) -> list[tuple[str, str]]:
+    """`NAME=PATH_OR_ID` or `PATH_OR_ID` specs, comma-separated, as (name, path or id); the first is the default."""
+    specs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, path = part.partition("=")
+        name, path = (name.strip(), path.strip()) if sep else (_model_name(part), part)
+        if not name or not path:
+            raise ConfigError(f"model {part!r}: use NAME=PATH_OR_ID or a bare path or hub id")
+        specs.append((name, path))
+    if not specs:
+        raise ConfigError("no model given: --model NAME=PATH_OR_ID (repeatable) or a bare path or hub id")
+    names = [n for n, _ in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models are named alike in {names}: give each its own NAME=")
+    return specs
+
+
 @dataclass(frozen=True)
 class Config:
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # one or more models, comma-separated NAME=PATH_OR_ID or PATH_OR_ID; first = default
     device: str = "auto"
     fp16: bool | None = None  # None: fp16 on CUDA, fp32 on CPU
     host: str = "0.0.0.0"
     port: int = 50051
     max_length: int = 512
-    batch_size: int = 32
-    max_batch_tokens: int = 16384
+    batch_size: int = 0  # pairs per forward pass; 0 = sized for the device (CPU 32, CUDA from free memory)
+    max_batch_tokens: int = 0  # padded tokens per forward pass; 0 = sized for the device (CPU 16384)
+    tokenize_threads: int = 0  # 0 = half the cores, 1 to 8
     max_wait_ms: float = 2.0
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
@@ -40,6 +65,7 @@ class Config:
     tls_cert: str = ""  # PEM files; both empty = plaintext
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    watch_models: float = 0.0  # poll the model directories every N seconds and reload changed ones; 0 = off
     # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
     handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
     max_connections: int = 4000  # gRPC port: open connections; past it new ones are closed at once
@@ -49,6 +75,9 @@ class Config:
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
 
     def __post_init__(self) -> None:
+        parse_models(self.model)
+        if self.watch_models < 0:
+            raise ConfigError(f"watch_models must be 0 (off) or a number of seconds, got {self.watch_models}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
         if not 0 <= self.metrics_port <= 65535:
@@ -62,20 +91,22 @@ class Config:
         self._check_security()
         if not 0 <= self.rest_port <= 65535:
             raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
-        positive = ("max_length", "batch_size", "max_batch_tokens", "max_candidates", "max_text_chars")
-        positive += ("handshake_timeout_s", "max_connections", "rest_header_timeout_s", "rest_body_timeout_s")
-        positive += ("rest_max_connections",)
+        positive = ("max_length", "max_candidates", "max_text_chars", "handshake_timeout_s", "max_connections")
+        positive += ("rest_header_timeout_s", "rest_body_timeout_s", "rest_max_connections")
         if self.max_connection_idle_s < 0:
             raise ConfigError(f"max_connection_idle_s must be 0 (never) or positive, got {self.max_connection_idle_s}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("batch_size", "max_batch_tokens", "tokenize_threads", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (sized for the machine) or positive, got {getattr(self, name)}")
         if self.max_queue_pairs < self.max_candidates:
             raise ConfigError(
                 f"max_queue_pairs ({self.max_queue_pairs}) must be at least max_candidates "
                 f"({self.max_candidates}), or a full-size request could never be queued"
             )
-        if self.max_batch_tokens < self.max_length:
+        if 0 < self.max_batch_tokens < self.max_length:
             raise ConfigError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_length ({self.max_length})"
             )
@@ -102,6 +133,19 @@ class Config:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
+    @property
+    def models(self) -> list[tuple[str, str]]:
+        """(name, path or hub id) of every model to serve; the first is the default."""
+        return parse_models(self.model)
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0][0]
+
+    @property
+    def tokenize_workers(self) -> int:
+        return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+
 
 def _env_name(field: str) -> str:
     return "RERANKER_" + field.upper()
@@ -121,6 +165,8 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     for f in fields(Config):
         raw = env.get(_env_name(f.name))
+        if f.name == "model" and env.get("RERANKER_MODELS"):
+            raw = env["RERANKER_MODELS"]  # the list form wins over the single model
         default = f.default
         if raw is None or raw == "":
             values[f.name] = default
@@ -147,7 +193,20 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         description="gRPC reranking service (FlagEmbedding cross-encoders). "
         "Every flag defaults to the RERANKER_<FLAG> environment variable, e.g. RERANKER_MODEL.",
     )
-    p.add_argument("--model", default=d["model"], help="Hugging Face model id or local model directory (%(default)s)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a model to serve: NAME=PATH_OR_ID, or a Hugging Face id or local directory (named after its last "
+        "part); repeat for several, the first is the default; RERANKER_MODELS takes a comma-separated list "
+        f"(default: {d['model']})",
+    )
+    p.add_argument(
+        "--watch-models",
+        type=float,
+        default=d["watch_models"],
+        help="check the model directories every N seconds and swap in changed weights (SIGHUP does it at once); "
+        "0 = off (%(default)s)",
+    )
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N (%(default)s)")
     p.add_argument(
         "--fp16",
@@ -158,12 +217,24 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     p.add_argument("--host", default=d["host"], help="address to bind (%(default)s)")
     p.add_argument("--port", type=int, default=d["port"], help="gRPC port; 0 picks a free one (%(default)s)")
     p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per pair (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per forward pass (%(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d["batch_size"],
+        help="pairs per forward pass; 0 = sized for the device: 32 on CPU, up to 256 on CUDA (%(default)s)",
+    )
     p.add_argument(
         "--max-batch-tokens",
         type=int,
         default=d["max_batch_tokens"],
-        help="padded tokens per forward pass (%(default)s)",
+        help="padded tokens per forward pass; 0 = sized for the device: 16384 on CPU, from free memory on CUDA "
+        "(%(default)s)",
+    )
+    p.add_argument(
+        "--tokenize-threads",
+        type=int,
+        default=d["tokenize_threads"],
+        help="threads tokenizing requests; 0 = half the cores, 1 to 8 (%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
     p.add_argument(
@@ -252,6 +323,7 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     """Parse flags (falling back to RERANKER_* variables) into a Config."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
+    args.model = ",".join(args.model) if args.model else _env_defaults(os.environ if env is None else env)["model"]
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:

@@ -27,11 +27,16 @@ class Busy(RuntimeError):
     """As many requests as --max-concurrent-rpcs allows are in flight."""
 
 
+class UnknownModel(LookupError):
+    """The request names a model this server does not serve; the message lists the ones it does."""
+
+
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Busy: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
 }
 
 

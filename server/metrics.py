@@ -51,13 +51,19 @@ class Metrics:
         self.batch_size = Histogram(
             "reranker_batch_size",
             "Pairs per forward pass",
-            buckets=_powers_of_two(1, config.batch_size),
+            buckets=_powers_of_two(1, config.batch_size or 256),  # 0: sized at load, at most 256
             registry=r,
         )
         self.batch_tokens = Histogram(
             "reranker_batch_tokens",
             "Tokens (unpadded) per forward pass",
-            buckets=_powers_of_two(64, config.max_batch_tokens),
+            buckets=_powers_of_two(64, config.max_batch_tokens or 131072),
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "reranker_model_reloads",
+            "Model weight replacements (SIGHUP or --watch-models), by model and result (ok, failed)",
+            ["model", "result"],
             registry=r,
         )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)

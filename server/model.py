@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat, prepare_for_model_compat
@@ -20,6 +22,25 @@ log = logging.getLogger(__name__)
 
 # Hub look-ups retry for about 30 s before failing; we probe once, briefly, instead.
 _HUB_PROBE_TIMEOUT_S = 3.0
+
+
+# CPU budgets: sized for a 2-core machine, where a batch of 32 already keeps both cores busy.
+CPU_BATCH_SIZE = 32
+CPU_BATCH_TOKENS = 16384
+# CUDA budgets: the most a batch may hold however much memory is free (past it latency grows, throughput not),
+# and the share of free memory that a batch's activations may take (the rest: other models, fragmentation).
+CUDA_MAX_BATCH_SIZE = 256
+CUDA_MAX_BATCH_TOKENS = 256 * 512
+CUDA_MEMORY_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Pair and token budgets of one forward pass, and where they came from (for the startup line)."""
+
+    batch_size: int
+    max_batch_tokens: int
+    source: str
 
 
 class ModelLoadError(RuntimeError):
@@ -94,6 +115,42 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+# What decides a model's scores: its config, weights and tokenizer; hashed into its revision.
+_REVISION_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt")
+
+
+def model_files(path: str) -> list[str]:
+    """The files of a model directory that decide its scores, sorted (empty for a hub id)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(_REVISION_SUFFIXES) and not f.startswith(".")
+    )
+
+
+def files_signature(path: str) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times: a cheap look for a changed directory before hashing it."""
+    out = []
+    for f in model_files(path):
+        try:
+            st = os.stat(f)
+        except OSError:  # removed while we looked: changed
+            continue
+        out.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def revision(path: str) -> str:
+    """A short hash of the model's config, weights and tokenizer files (their bytes, not their dates)."""
+    digest = hashlib.blake2b(digest_size=6)
+    for f in model_files(path):
+        digest.update(os.path.basename(f).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_is_cross_encoder(path: str) -> None:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
@@ -124,11 +181,28 @@ def _model_token_limit(flag: FlagReranker) -> int:
     return int(getattr(flag.model.config, "max_position_embeddings", 512))
 
 
+def _decodes_in_rust(tokenizer: object) -> bool:
+    """True when the tokenizer's decode is exactly its Rust backend's decode (transformers 5, not overridden)."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
+
+
+def load_engine(config: Config, model: str, name: str) -> RerankerModel:
+    """Load `model` (hub id or directory) under `name` with the class its kind needs."""
+    return RerankerModel(config, model, name)
+
+
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
 
-    def __init__(self, config: Config) -> None:
-        self.name = config.model
+    def __init__(self, config: Config, model: str | None = None, name: str | None = None) -> None:
+        """Load `model` (a hub id or directory; default: the config's default model) under `name`."""
+        default_name, default_model = config.models[0]
+        model = model or default_model
+        self.name = name or default_name
         self.device = pick_device(config.device)
         on_cuda = self.device.startswith("cuda")
         self.fp16 = on_cuda if config.fp16 is None else (config.fp16 and on_cuda)
@@ -138,7 +212,8 @@ class RerankerModel:
         self.max_length = config.max_length
         if not on_cuda:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        path = resolve_model_path(config.model)
+        self.path = path = resolve_model_path(model)
+        self.revision = revision(path)
         _check_is_cross_encoder(path)
         _quiet_progress_bars()
         try:
@@ -147,15 +222,13 @@ class RerankerModel:
                 path,
                 use_fp16=self.fp16,
                 devices=[self.device],
-                batch_size=config.batch_size,
+                batch_size=config.batch_size or CPU_BATCH_SIZE,
                 max_length=config.max_length,
             )
         except OSError as exc:
-            raise ModelLoadError(
-                f"could not load model {config.model!r}: {exc}. {_offline_help(config.model)}"
-            ) from None
+            raise ModelLoadError(f"could not load model {model!r}: {exc}. {_offline_help(model)}") from None
         except Exception as exc:  # a checkpoint FlagReranker cannot use
-            raise ModelLoadError(f"could not load model {config.model!r} as a reranker: {exc}") from None
+            raise ModelLoadError(f"could not load model {model!r} as a reranker: {exc}") from None
         limit = _model_token_limit(self.flag)
         if config.max_length > limit:
             raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
@@ -165,45 +238,152 @@ class RerankerModel:
             self.model.half()
         self.model.to(self.device)
         self.model.eval()
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self._cuda = on_cuda
+        self._pad_id = self.tokenizer.pad_token_id
+        self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
+        self._rust_decode = _decodes_in_rust(self.tokenizer)
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
-        """Tokenize pairs as FlagReranker.compute_score does (query to 3/4 of max_length, passage truncated)."""
+        """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
+
+        compute_score truncates query (to 3/4 of max_length) and passage ids apart, and under transformers 5
+        decodes both back to text and tokenizes the pair again (`prepare_for_model_compat`). Each step here is
+        one batched Rust call over all pairs, which gives the same ids as that per-pair path.
+        """
         max_length = max_length or self.max_length
         query_max = self.flag.query_max_length or max_length * 3 // 4
         pairs = self.flag.get_detailed_inputs([list(p) for p in pairs])
-        queries = self.tokenizer(
-            [p[0] for p in pairs], add_special_tokens=False, max_length=query_max, truncation=True
-        )["input_ids"]
-        passages = self.tokenizer(
-            [p[1] for p in pairs], add_special_tokens=False, max_length=max_length, truncation=True
-        )["input_ids"]
-        out = []
-        for q, d in zip(queries, passages, strict=True):
-            try:
-                item = prepare_for_model_compat(
-                    self.tokenizer, q, d, truncation="only_second", max_length=max_length, padding=False
-                )
-            except Exception:
-                # The decode/re-encode round trip can lengthen the query past max_length, where cutting
-                # the passage alone is not enough (FlagReranker itself raises); cut both instead.
-                item = prepare_for_model_compat(
-                    self.tokenizer, q, d, truncation="longest_first", max_length=max_length, padding=False
-                )
-            ids = list(item["input_ids"])
-            out.append(Encoded(ids, {k: list(v) for k, v in item.items() if k != "input_ids"}))
-        return out
+        tok = self.tokenizer
+        # Candidates of one query share it: each distinct query is tokenized and decoded once.
+        unique = list(dict.fromkeys(p[0] for p in pairs))
+        q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
+        passages = [p[1] for p in pairs]
+        d_ids = tok(passages, add_special_tokens=False, max_length=max_length, truncation=True)["input_ids"]
+        if callable(getattr(tok, "prepare_for_model", None)):  # transformers 4: id-level joining, no round trip
+            by_query = dict(zip(unique, q_ids, strict=True))
+            return [self._join_one(by_query[p[0]], d, max_length) for p, d in zip(pairs, d_ids, strict=True)]
+        decoded = dict(zip(unique, self._decode(q_ids), strict=True))
+        q_text = [decoded[p[0]] for p in pairs]
+        d_text = self._decode(d_ids)
+        # An empty text is no pair to the tokenizer's Python layer but one to its Rust batch: settle those alone.
+        whole = [i for i, (q, d) in enumerate(zip(q_text, d_text, strict=True)) if q and d]
+        out = [self._pair_one(q, d, max_length) if not (q and d) else None for q, d in zip(q_text, d_text, strict=True)]
+        try:
+            joined = tok(
+                [q_text[i] for i in whole],
+                [d_text[i] for i in whole],
+                truncation="only_second",
+                max_length=max_length,
+                padding=False,
+            )
+        except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
+            return [self._pair_one(q, d, max_length) for q, d in zip(q_text, d_text, strict=True)]
+        keys = [k for k in joined if k != "input_ids"]
+        for row, i in enumerate(whole):
+            out[i] = Encoded(joined["input_ids"][row], {k: joined[k][row] for k in keys})
+        return out  # type: ignore[return-value]  # every place is filled
+
+    def _decode(self, ids: list[list[int]]) -> list[str]:
+        """`decode` of each id list with special tokens kept and no clean-up, as FlagEmbedding's round trip does."""
+        if self._rust_decode:  # the same call transformers makes per list, batched and without its Python checks
+            return self.tokenizer.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _pair_one(self, query: str, passage: str, max_length: int) -> Encoded:
+        """One decoded pair: compute_score's `only_second`, or cut both where that raises."""
+        try:
+            item = self.tokenizer(query, passage, truncation="only_second", max_length=max_length, padding=False)
+        except Exception:
+            # The decode/re-encode round trip can lengthen the query past max_length, where cutting the
+            # passage alone is not enough (FlagReranker itself raises); cut both instead.
+            item = self.tokenizer(query, passage, truncation="longest_first", max_length=max_length, padding=False)
+        return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
+
+    def _join_one(self, q: list[int], d: list[int], max_length: int) -> Encoded:
+        try:
+            item = prepare_for_model_compat(self.tokenizer, q, d, truncation="only_second", max_length=max_length)
+        except Exception:
+            item = prepare_for_model_compat(self.tokenizer, q, d, truncation="longest_first", max_length=max_length)
+        return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
+
+    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Pad a batch as `tokenizer.pad` does (same values, same side), in numpy: no per-token Python."""
+        width = max(len(e) for e in batch)
+        keys = ["input_ids", *batch[0].extra]
+        fill = {"input_ids": self._pad_id, "attention_mask": 0, "token_type_ids": self._pad_type_id}
+        if self._pad_id is None or "attention_mask" not in keys or any(k not in fill for k in keys):
+            # an input we do not know how to pad as tokenizer.pad would: let it do the padding
+            features = [{"input_ids": e.input_ids, **e.extra} for e in batch]
+            return dict(pad_with_compat(self.tokenizer, features, padding=True, return_tensors="pt"))
+        arrays = {k: np.full((len(batch), width), fill[k], dtype=np.int64) for k in keys}
+        left = self.tokenizer.padding_side == "left"
+        for row, e in enumerate(batch):
+            cols = slice(width - len(e), width) if left else slice(0, len(e))
+            arrays["input_ids"][row, cols] = e.input_ids
+            for k, values in e.extra.items():
+                arrays[k][row, cols] = values
+        return {k: torch.from_numpy(a) for k, a in arrays.items()}
+
+    def launch(self, batch: Sequence[Encoded]) -> Callable[[], list[float]]:
+        """Start the forward pass of one batch; the returned function waits for its raw logits.
+
+        On CUDA nothing here waits for the device: inputs go through pinned memory with non-blocking copies and
+        the logits come back the same way, so the next batch is padded and queued while this one runs. The one
+        host sync per batch is in the returned function. On CPU the pass runs here and the function just returns.
+        """
+        inputs = self._collate(batch)
+        with torch.inference_mode():
+            if not self._cuda:
+                logits = self.model(**inputs, return_dict=True).logits.view(-1).float()
+                scores = logits.tolist()
+                return lambda: scores
+            inputs = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in inputs.items()}
+            logits = self.model(**inputs, return_dict=True).logits.view(-1).float()
+            out = torch.empty(len(batch), dtype=torch.float32, pin_memory=True)
+            out.copy_(logits, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+
+        def collect() -> list[float]:
+            done.synchronize()
+            inputs.clear()  # the device inputs are freed once the pass that reads them is done
+            return out.tolist()
+
+        return collect
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
-        """Raw logits for one padded batch."""
-        features = [{"input_ids": e.input_ids, **e.extra} for e in batch]
-        inputs = pad_with_compat(self.tokenizer, features, padding=True, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            logits = self.model(**inputs, return_dict=True).logits.view(-1).float()
-        return logits.cpu().tolist()
+        """Raw logits for one padded batch, waiting for them."""
+        return self.launch(batch)()
 
     def score(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[float]:
         """Raw logits for pairs, in input order, in one batch (for tools and tests)."""
         return self.forward(self.encode(pairs, max_length))
+
+    def batching(self, config: Config) -> Batching:
+        """The flags' budgets where given (non-zero), else ones that fit this device."""
+        if not self._cuda:
+            size, tokens, how = CPU_BATCH_SIZE, CPU_BATCH_TOKENS, "cpu defaults"
+        else:
+            size, tokens, how = self._cuda_budget(config.max_length)
+        chosen = Batching(config.batch_size or size, config.max_batch_tokens or tokens, how)
+        if config.batch_size and config.max_batch_tokens:
+            return Batching(chosen.batch_size, chosen.max_batch_tokens, "flags")
+        return chosen
+
+    def _cuda_budget(self, max_length: int) -> tuple[int, int, str]:
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        c = self.model.config
+        hidden = int(getattr(c, "hidden_size", 1024))
+        heads = int(getattr(c, "num_attention_heads", 16))
+        inter = int(getattr(c, "intermediate_size", 4 * hidden))
+        # Live activations per token inside one layer: residual, Q, K, V, attention output, the FFN's inner
+        # width, and one row of attention scores per head; doubled for the allocator's slack.
+        per_token = 2 * (5 * hidden + inter + heads * max_length) * (2 if self.fp16 else 4)
+        fit = int(free * CUDA_MEMORY_SHARE / per_token)
+        tokens = max(max_length, min(CUDA_MAX_BATCH_TOKENS, fit))
+        size = max(CPU_BATCH_SIZE, min(CUDA_MAX_BATCH_SIZE, tokens // 256))
+        return size, tokens, f"cuda: {fit} tokens fit in {CUDA_MEMORY_SHARE:.0%} of {free / 2**30:.1f} GiB free"
 
     def warm_up(self) -> None:
         """One forward pass so the first caller does not pay for lazy initialisation."""

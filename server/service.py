@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
@@ -18,7 +17,7 @@ from server import __version__
 from server.admission import Admission
 from server.batcher import Batcher
 from server.config import Config
-from server.errors import InvalidRequest, NotReady, status_for
+from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.metrics import Metrics
 from server.stream import answer_stream
 
@@ -29,11 +28,17 @@ class Engine(Protocol):
     """What the servicer needs from the model layer."""
 
     name: str
+    path: str
+    revision: str
     device: str
     dtype: str
     max_length: int
+    parameters: int
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
+
+
+TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,16 @@ class Scoring:
     engine: Engine
     batcher: Batcher[Any]
     tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
+    batching: Any = None  # the budgets the batcher was given (server.model.Batching)
+
+    async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
+        """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
+        loop = asyncio.get_running_loop()
+        slices = [pairs[i : i + TOKENIZE_SLICE] for i in range(0, len(pairs), TOKENIZE_SLICE)]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self.tokenize_pool, self.engine.encode, s, max_length) for s in slices)
+        )
+        return [e for part in done for e in part]
 
 
 def sigmoid(x: float) -> float:
@@ -99,18 +114,28 @@ def build_response(
 
 
 class RerankerService(pb_grpc.RerankerServicer):
-    """Answers Rerank, RerankStream and GetModelInfo; `scoring` is None until the model has loaded."""
+    """Answers Rerank, RerankStream and GetModelInfo for the models in `models` (filled as they load, swapped on
+    reload)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.scoring: Scoring | None = None
+        self.models: dict[str, Scoring] = {}  # one assignment swaps a model: calls in flight keep the old one
         self.metrics: Metrics | None = None
         self.admission = Admission(config.max_concurrent_rpcs)  # the interceptor shares it
 
-    def _ready(self) -> Scoring:
-        if self.scoring is None:
-            raise NotReady("the model is still loading; retry shortly")
-        return self.scoring
+    @property
+    def scoring(self) -> Scoring | None:
+        """The default model, once loaded."""
+        return self.models.get(self.config.default_model)
+
+    def _ready(self, name: str = "") -> tuple[str, Scoring]:
+        name = name or self.config.default_model
+        scoring = self.models.get(name)
+        if scoring is not None:
+            return name, scoring
+        if name in dict(self.config.models):
+            raise NotReady(f"model {name!r} is still loading; retry shortly")
+        raise UnknownModel(f"model {name!r} is not served here; loaded models: {', '.join(self.models) or 'none yet'}")
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         return await _answer(context, lambda: self._rerank(request))
@@ -128,31 +153,27 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        return await _answer(context, self._model_info)
+        return await _answer(context, lambda: self._model_info(request.model))
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         """One request, from a unary Rerank or from a RerankStream: validate, queue, score, rank."""
         pairs, documents = request_pairs(req, self.config)
-        scoring = self._ready()
-        loop = asyncio.get_running_loop()
-        encode = functools.partial(scoring.engine.encode, pairs, req.max_length or None)
+        name, scoring = self._ready(req.model)
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
-        result = await scoring.batcher.submit_after(
-            len(pairs), lambda: loop.run_in_executor(scoring.tokenize_pool, encode)
-        )
+        result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
         usage = pb.Usage(
             pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
         )
-        return build_response(req, documents, result.scores, self.config.model, usage)
+        return build_response(req, documents, result.scores, name, usage)
 
-    async def _model_info(self) -> pb.GetModelInfoResponse:
-        engine = self._ready().engine
-        c = self.config
+    async def _model_info(self, name: str) -> pb.GetModelInfoResponse:
+        name, scoring = self._ready(name)
+        engine, c = scoring.engine, self.config
         return pb.GetModelInfoResponse(
-            model=c.model,
+            model=name,
             device=engine.device,
             dtype=engine.dtype,
             max_length=engine.max_length,
@@ -160,7 +181,9 @@ class RerankerService(pb_grpc.RerankerServicer):
                 max_candidates=c.max_candidates, max_text_chars=c.max_text_chars, max_length=c.max_length
             ),
             version=__version__,
-            batch_size=c.batch_size,
+            batch_size=scoring.batcher.limits.max_pairs,
+            models=list(self.models),
+            revision=engine.revision,
         )
 
 

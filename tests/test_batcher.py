@@ -14,7 +14,8 @@ import pytest
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
-from server.batcher import Batcher, BatchLimits, Overloaded
+from server.batcher import Batcher, BatchLimits, Overloaded, eager
+from tests.ops_helpers import until
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ async def make(model: FakeModel) -> AsyncIterator[Any]:
     made: list[Batcher[Pair]] = []
 
     def _make(**limits: Any) -> Batcher[Pair]:
-        b: Batcher[Pair] = Batcher(model.forward, pool, BatchLimits(**limits), length=lambda p: p.length)
+        b: Batcher[Pair] = Batcher(eager(model.forward), pool, BatchLimits(**limits), length=lambda p: p.length)
         b.start()
         made.append(b)
         return b
@@ -278,3 +279,45 @@ async def test_concurrent_grpc_requests_equal_compute_score(stub: pb_grpc.Rerank
         # A shared batch pads a pair differently from compute_score's own call, and fp32 sums then differ by up
         # to about 1e-5 on this wide-weight tiny model (compute_score shifts as much with its call's other pairs).
         assert list(resp.scores) == pytest.approx(expected, rel=1e-5, abs=2e-5)
+
+
+async def test_next_batch_launches_while_the_device_runs_the_previous_one() -> None:
+    """Pipelining: batch k+1 is launched before batch k's scores are collected; never more than `depth` ahead."""
+    events: list[str] = []
+    gates: list[threading.Event] = []
+
+    def launch(batch: Sequence[Pair]) -> Any:
+        n = len(gates)
+        gates.append(threading.Event())
+        events.append(f"launch {n}")
+
+        def collect() -> list[float]:
+            assert gates[n].wait(10)
+            events.append(f"collect {n}")
+            return [float(p.key) for p in batch]
+
+        return collect
+
+    launch_pool, collect_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    batcher: Batcher[Pair] = Batcher(
+        launch, launch_pool, BatchLimits(max_pairs=2, max_wait_s=0.0, depth=2), lambda p: p.length, None, collect_pool
+    )
+    batcher.start()
+    try:
+        request = asyncio.ensure_future(batcher.submit(pairs(range(6))))
+        await until(lambda: len(events) >= 2, 10)
+        await asyncio.sleep(0.05)
+        assert events == ["launch 0", "launch 1"]  # two batches on the device, the third waits for a slot
+        for g in range(3):
+            await until(lambda g=g: len(gates) > g, 10)
+            gates[g].set()
+        result = await asyncio.wait_for(request, 10)
+        assert result.scores == [float(k) for k in range(6)]
+        assert events.index("launch 2") > events.index("collect 0")
+        assert batcher.stats.batches == 3
+    finally:
+        for g in gates:
+            g.set()
+        await batcher.stop()
+        launch_pool.shutdown(wait=True)
+        collect_pool.shutdown(wait=True)

@@ -66,7 +66,7 @@ async def test_rerank_ranks_and_scores_like_flag_reranker(
     assert [r.score for r in out.results] == sorted(out.scores, reverse=True)
     assert all(r.document is None for r in out.results)
     assert out.usage.pairs == len(CANDIDATES) and out.usage.tokens > 0
-    assert out.model == server.config.model
+    assert out.model == server.config.default_model
     if normalize:
         assert all(0.0 <= s <= 1.0 for s in out.scores)
 
@@ -85,7 +85,7 @@ async def test_score_pairs_in_input_order(client: AsyncRerankerClient, flag_rera
 
 async def test_model_info_and_health(client: AsyncRerankerClient, server: RerankServer) -> None:
     info = await client.model_info()
-    assert info.model == server.config.model and info.device == "cpu" and info.dtype == "float32"
+    assert info.model == server.config.default_model and info.device == "cpu" and info.dtype == "float32"
     assert info.max_candidates == server.config.max_candidates and info.max_text_chars == server.config.max_text_chars
     assert info.max_length == server.config.max_length and info.version
     assert await client.health() == "SERVING"
@@ -134,7 +134,7 @@ async def test_invalid_arguments_caught_before_sending(client: AsyncRerankerClie
 async def test_resource_exhausted_when_the_queue_is_full(slow_server: RerankServer) -> None:
     async with AsyncRerankerClient(f"127.0.0.1:{slow_server.port}") as client:
         first = asyncio.ensure_future(client.rerank(QUERY, CANDIDATES))  # 4 pairs: the whole queue
-        batcher = slow_server._batcher
+        batcher = slow_server.batcher()
         assert batcher is not None
         for _ in range(500):  # until those pairs sit in the queue, waiting for the batch to fill
             if batcher.queued_pairs == len(CANDIDATES):
@@ -155,7 +155,7 @@ async def test_deadline_exceeded_and_the_server_keeps_serving(slow_server: Reran
         assert isinstance(err.value, TimeoutError)
         assert (await client.rerank(QUERY, CANDIDATES[:2])).results
         assert await client.health() == "SERVING"
-    assert slow_server._batcher is not None and slow_server._batcher.stats.dropped_pairs == 1  # skipped, not scored
+    assert slow_server.batcher() is not None and slow_server.batcher().stats.dropped_pairs == 1  # skipped, not scored
 
 
 async def test_unavailable_with_nothing_listening() -> None:

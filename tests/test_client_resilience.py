@@ -37,11 +37,11 @@ async def test_a_call_retries_across_a_server_restart_on_the_same_port(
         reached = asyncio.Event()
         not_ready = new.service._ready
 
-        def spy() -> Any:  # counts attempts that reach the new server before its model is ready
+        def spy(name: str = "") -> Any:  # counts attempts that reach the new server before its model is ready
             nonlocal attempts
             attempts += 1
             reached.set()
-            return not_ready()
+            return not_ready(name)
 
         new.service._ready = spy  # type: ignore[method-assign]
         assert await new.bind() == port
@@ -74,8 +74,8 @@ async def test_round_robin_spreads_calls_over_two_servers(server: RerankServer, 
             await client.rerank(QUERY, CANDIDATES)
     served = []
     for srv in (server, second_server):
-        assert srv._batcher is not None
-        served.append(srv._batcher.stats.pairs // len(CANDIDATES))
+        assert srv.batcher() is not None
+        served.append(srv.batcher().stats.pairs // len(CANDIDATES))
     assert sum(served) == calls
     assert min(served) >= 1, f"requests served per server: {served}"
 

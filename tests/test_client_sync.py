@@ -50,7 +50,9 @@ def test_score_pairs_model_info_health(client: RerankerClient, live: ServerThrea
         flag_reranker.compute_score([list(p) for p in pairs]), abs=1e-6
     )
     info = client.model_info()
-    assert info.model == live.server.config.model and info.batch_size == live.server.config.batch_size
+    assert (
+        info.model == live.server.config.default_model and info.batch_size == live.server.batching.batch_size == 32
+    )  # CPU default
     assert client.health() == "SERVING"
     client.wait_until_ready(timeout=10)
 
@@ -92,7 +94,7 @@ def test_cli_health_and_info(live: ServerThread) -> None:
     proc = cli("health", "--target", f"127.0.0.1:{live.port}")
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"status": "SERVING"}
     proc = cli("info", "--target", f"127.0.0.1:{live.port}")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["model"] == live.server.config.model
+    assert proc.returncode == 0 and json.loads(proc.stdout)["model"] == live.server.config.default_model
 
 
 def test_cli_errors_are_one_line_without_traceback(live: ServerThread) -> None:

@@ -33,6 +33,9 @@ def test_bad_environment_value_names_the_variable() -> None:
         ({"max_queue_pairs": 10}, "max_queue_pairs"),
         ({"device": "tpu"}, "device must be"),
         ({"port": 70000}, "port must be"),
+        ({"batch_size": -1}, "batch_size must be 0"),
+        ({"tokenize_threads": -2}, "tokenize_threads must be 0"),
+        ({"max_batch_tokens": 100}, "max_batch_tokens .100. must be at least max_length"),
     ],
 )
 def test_invalid_config_is_refused(kwargs: dict[str, object], message: str) -> None:
@@ -44,3 +47,13 @@ def test_bad_flag_exits_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         load_config(["--max-candidates", "0"], env={})
     assert "max_candidates must be positive" in capsys.readouterr().err
+
+
+def test_batch_budgets_default_to_the_device(engine: object) -> None:
+    """0 = sized for the device: on CPU today's 32 pairs and 16384 tokens; a flag wins over the size."""
+    auto = engine.batching(Config())  # type: ignore[attr-defined]
+    assert (auto.batch_size, auto.max_batch_tokens, auto.source) == (32, 16384, "cpu defaults")
+    given = engine.batching(Config(batch_size=8, max_batch_tokens=4096))  # type: ignore[attr-defined]
+    assert (given.batch_size, given.max_batch_tokens, given.source) == (8, 4096, "flags")
+    assert load_config(["--tokenize-threads", "3"], env={}).tokenize_workers == 3
+    assert 1 <= Config().tokenize_workers <= 8

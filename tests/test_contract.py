@@ -29,3 +29,17 @@ def test_generated_stubs_are_not_stale(tmp_path: Path) -> None:
 def test_ruff_is_clean() -> None:
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_contract_changes_are_additive() -> None:
+    """`buf breaking` against the contract as first published (tests/contract/v1_baseline): no field renumbered,
+    retyped or removed, so clients built against it keep working."""
+    buf = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
+    proc = subprocess.run(
+        [buf, "breaking", "proto", "--against", "tests/contract/v1_baseline"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """Bytes that are not a valid message, sent to every method: OK or INVALID_ARGUMENT, one access line, no traceback.
 
-(Health/Check may also answer NOT_FOUND, the health protocol's answer to a valid request naming an unknown service.)
+(NOT_FOUND is also allowed for a valid request naming an unknown health service or model: the protocol's answer.)
 
 A raw channel with identity serializers sends the bytes as they are, as a hostile caller would.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,12 @@ from reranker_proto import reranker_pb2 as pb
 from tests.subprocess_server import ServerProcess
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
+# Valid requests that name something: a health service, a model. An unknown one is NOT_FOUND, the protocol's answer.
+NAMING: dict[str, Any] = {
+    "Health/Check": health_pb2.HealthCheckRequest,
+    "Rerank": pb.RerankRequest,
+    "GetModelInfo": pb.GetModelInfoRequest,
+}
 SEEN: Counter[str] = Counter()
 
 
@@ -86,6 +93,9 @@ def _rerank_stream(channel: grpc.Channel) -> Callable[[bytes], grpc.StatusCode]:
     def send(data: bytes) -> grpc.StatusCode:
         (answer,) = list(call(iter([data]), timeout=30))
         if answer.HasField("error"):
+            if answer.error.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                pb.RerankRequest.FromString(data)  # a valid request naming an unknown model
+                return grpc.StatusCode.NOT_FOUND
             assert answer.error.code == INVALID.value[0], answer.error
             return INVALID
         return OK
@@ -135,8 +145,8 @@ def test_malformed_bytes_get_ok_or_invalid_argument_on_every_method(channel: grp
             code = send(data)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-            if name == "Health/Check" and code == grpc.StatusCode.NOT_FOUND:
-                health_pb2.HealthCheckRequest.FromString(data)  # a valid request naming an unknown service
+            if code == grpc.StatusCode.NOT_FOUND and name in NAMING:
+                NAMING[name].FromString(data)  # a valid request naming an unknown health service or model
             else:
                 assert code == INVALID, f"{name}: {code}: {details}"
             if "not a valid" in details:

@@ -94,7 +94,8 @@ async def test_metrics_are_served_on_their_own_port(model_dir: Path, engine: Any
     assert sample(m, "reranker_batch_tokens_sum") > 0
     assert sample(m, "reranker_queue_pairs") == 0
     assert sample(m, "reranker_requests_in_flight") == 0
-    info = {"model": str(model_dir), "device": "cpu", "dtype": "float32", "version": __version__}
+    name = model_dir.name
+    info = {"model": name, "models": name, "device": "cpu", "dtype": "float32", "version": __version__}
     assert sample(m, "reranker_model_info", **info) == 1
     assert sample(m, "process_resident_memory_bytes") > 0
 
@@ -185,14 +186,14 @@ async def test_passed_deadline_drops_queued_pairs_and_the_server_keeps_serving(
     gated: tuple[RerankServer, GatedEngine],
 ) -> None:
     srv, gate = gated
-    assert srv._batcher is not None
+    assert srv.batcher() is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = pb_grpc.RerankerStub(ch)
         gate.gate.clear()
         first = asyncio.ensure_future(stub.Rerank(RERANK, timeout=60))
         await asyncio.to_thread(gate.entered.wait, 30)  # its batch holds the model
         late = asyncio.ensure_future(stub.Rerank(pb.RerankRequest(query=QUERY, candidates=["a", "b", "c"]), timeout=5))
-        await until(lambda: srv._batcher is not None and srv._batcher.queued_pairs == 3)  # queued behind it
+        await until(lambda: srv.batcher() is not None and srv.batcher().queued_pairs == 3)  # queued behind it
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await late
         assert _code(err) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -200,8 +201,8 @@ async def test_passed_deadline_drops_queued_pairs_and_the_server_keeps_serving(
         gate.gate.set()
         assert len((await first).scores) == 2
         assert len((await stub.Rerank(RERANK)).scores) == 2
-    assert srv._batcher.stats.dropped_pairs == 3  # never scored
-    assert srv._batcher.stats.pairs == 4
+    assert srv.batcher().stats.dropped_pairs == 3  # never scored
+    assert srv.batcher().stats.pairs == 4
     assert (
         srv.metrics.registry.get_sample_value(
             "reranker_requests_total", {"method": "Rerank", "code": "DEADLINE_EXCEEDED"}

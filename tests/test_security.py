@@ -55,7 +55,7 @@ async def test_api_key_guards_the_reranker_but_not_health_or_reflection(serve: A
                 await client.model_info()
     async with AsyncRerankerClient(target, api_key=KEY) as client:
         assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
-        assert (await client.model_info()).model == srv.config.model
+        assert (await client.model_info()).model == srv.config.default_model
     async with AsyncRerankerClient(target) as client:  # no key: health still answers
         assert await client.health() == "SERVING"
     async with grpc.aio.insecure_channel(target) as ch:
@@ -81,7 +81,7 @@ async def test_tls_with_api_key(serve: Any, pki: Pki) -> None:
     async with AsyncRerankerClient(target, root_certificates=ca, tls_server_name="localhost", api_key=KEY) as client:
         assert len((await client.rerank(QUERY, CANDIDATES)).scores) == 2
     async with AsyncRerankerClient(target, root_certificates=ca, api_key=KEY) as client:  # the IP is in the SAN too
-        assert (await client.model_info()).model == srv.config.model
+        assert (await client.model_info()).model == srv.config.default_model
     async with AsyncRerankerClient(target, api_key=KEY, retry=NO_RETRY, timeout=5) as client:  # plaintext
         with pytest.raises(RerankerError) as err:
             await client.model_info()
@@ -93,7 +93,7 @@ async def test_mutual_tls_needs_a_client_certificate(serve: Any, pki: Pki) -> No
     target, ca = f"localhost:{srv.port}", pki.ca.read_bytes()
     cert, key = pki.client_cert.read_bytes(), pki.client_key.read_bytes()
     async with AsyncRerankerClient(target, root_certificates=ca, tls_client_cert=cert, tls_client_key=key) as client:
-        assert (await client.model_info()).model == srv.config.model
+        assert (await client.model_info()).model == srv.config.default_model
         (answer,) = [a async for a in client.rerank_stream([StreamRequest(query=QUERY, candidates=CANDIDATES)])]
         assert answer.ok
     async with AsyncRerankerClient(target, root_certificates=ca, retry=NO_RETRY, timeout=5) as client:

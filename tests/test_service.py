@@ -71,7 +71,7 @@ async def test_results_ranked_best_first_and_cut_to_top_n(stub: pb_grpc.Reranker
 
 async def test_response_carries_model_and_usage(stub: pb_grpc.RerankerStub, model_dir: Any) -> None:
     resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES[:3]))
-    assert resp.model == str(model_dir)
+    assert resp.model == model_dir.name  # a bare path is named after its last part
     assert resp.usage.pairs == 3
     assert resp.usage.tokens > 3
     assert resp.usage.inference_ms > 0
@@ -80,7 +80,7 @@ async def test_response_carries_model_and_usage(stub: pb_grpc.RerankerStub, mode
 
 async def test_model_info(stub: pb_grpc.RerankerStub, model_dir: Any) -> None:
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-    assert (info.model, info.device, info.dtype) == (str(model_dir), "cpu", "float32")
+    assert (info.model, info.device, info.dtype) == (model_dir.name, "cpu", "float32")
     assert info.max_length == 512
     assert info.limits.max_candidates == 1000
     assert info.limits.max_text_chars == 20000

@@ -134,7 +134,7 @@ async def test_answers_come_as_scored_not_in_request_order(model_dir: Path, engi
             feed.send(StreamRequest(query=QUERY, candidates=["hi"] * 12, request_id="slow"))  # three batches of 4
             assert await asyncio.to_thread(gate.entered.wait, 30)  # slow's first batch holds the model
             feed.send(StreamRequest(query=QUERY, candidates=[CANDIDATES[1]], request_id="fast"))
-            await until(lambda: srv._batcher is not None and srv._batcher.queued_pairs == 9)
+            await until(lambda: (b := srv.batcher()) is not None and b.queued_pairs == 9)
             gate.gate.set()  # the longest pair leads the next batch: fast is scored before slow's last batch
             first, second = await answers.next(), await answers.next()
             feed.close()
@@ -156,7 +156,7 @@ async def test_cap_and_queue_limit_apply_per_request(model_dir: Path, engine: An
             feed.send(StreamRequest(query=QUERY, candidates=["a"] * 4, request_id="held1"))
             assert await asyncio.to_thread(gate.entered.wait, 30)  # held1's pairs are in the model
             feed.send(StreamRequest(query=QUERY, candidates=["b"] * 4, request_id="held2"))
-            await until(lambda: srv._batcher is not None and srv._batcher.queued_pairs == 4)
+            await until(lambda: (b := srv.batcher()) is not None and b.queued_pairs == 4)
             feed.send(StreamRequest(query=QUERY, candidates=["c"] * 4, request_id="over"))  # 4 + 4 > 6 queued
             refused = await answers.next()
             assert refused.request_id == "over" and isinstance(refused.error, OverloadedError)
@@ -193,7 +193,7 @@ async def test_api_key_applies_to_the_stream(model_dir: Path, engine: Any) -> No
 async def test_deadline_and_cancel_drop_the_streams_queued_pairs(model_dir: Path, engine: Any) -> None:
     gate = GatedEngine(engine)
     srv = await _serve(model_dir, gate, max_wait_ms=0.0)
-    batcher = srv._batcher
+    batcher = srv.batcher()
     assert batcher is not None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:

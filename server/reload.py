@@ -1,0 +1,102 @@
+"""Replace a model's weights without downtime: on SIGHUP, or when its directory changes (--watch-models).
+
+A changed model is loaded beside the old one, warmed up, and swapped in with one dict assignment: calls already
+submitted finish on the old weights (its batcher drains, then stops), new calls get the new ones, health stays
+SERVING. A model that fails to load leaves the old one serving. Costs two copies of that model in memory meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.app import RerankServer
+
+log = logging.getLogger(__name__)
+
+RETIRE_TIMEOUT_S = 300.0  # a replaced model's batcher waits this long at most for its calls in flight
+
+
+def _revision_on_disk(path: str) -> str | None:
+    from server.model import revision
+
+    return revision(path) if os.path.isdir(path) else None
+
+
+class ModelReloader:
+    """Checks the served models' directories and swaps in the ones whose files changed."""
+
+    def __init__(self, server: RerankServer) -> None:
+        self._server = server
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._server.config.watch_models > 0 and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._server.config.watch_models))
+
+    def request(self) -> None:
+        """SIGHUP: check every model now (a check already running is followed by this one)."""
+        self._spawn(self.reload())
+
+    async def reload(self) -> dict[str, str]:
+        """Reload every model whose files changed; returns {name: "ok" | "failed" | "unchanged"}."""
+        async with self._lock:
+            return {name: await self._reload_one(name) for name, _ in self._server.config.models}
+
+    async def _reload_one(self, name: str) -> str:
+        srv = self._server
+        current = srv.service.models.get(name)
+        if current is None:
+            return "unchanged"
+        try:
+            on_disk = await asyncio.to_thread(_revision_on_disk, current.engine.path)
+            if on_disk in (None, current.engine.revision):
+                return "unchanged"  # same files, or a hub id: nothing on disk to watch
+            engine: Any = await srv.load_engine(name, current.engine.path)
+            fresh = await srv.serve_model(name, engine)
+        except Exception as exc:
+            log.error("reload of model %s failed, still serving revision %s: %s", name, current.engine.revision, exc)
+            srv.metrics.model_reloads.labels(name, "failed").inc()
+            return "failed"
+        srv.service.models[name] = fresh  # the swap: calls from now on get the new weights
+        if name == srv.config.default_model:
+            srv.batching = fresh.batching
+        srv.metrics.model_reloads.labels(name, "ok").inc()
+        log.info("model %s reloaded: revision %s -> %s", name, current.engine.revision, engine.revision)
+        self._spawn(current.batcher.close_when_idle(RETIRE_TIMEOUT_S))
+        return "ok"
+
+    async def _watch(self, interval_s: float) -> None:
+        """Reload a directory once its files changed and then stayed unchanged for one interval (copy finished)."""
+        from server.model import files_signature
+
+        def signatures() -> dict[str, object]:
+            return {n: files_signature(s.engine.path) for n, s in self._server.service.models.items()}
+
+        seen = await asyncio.to_thread(signatures)  # the files the served weights were loaded from
+        changing: dict[str, object] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            now = await asyncio.to_thread(signatures)
+            settled = [n for n, sig in now.items() if changing.get(n) == sig]
+            changing = {n: sig for n, sig in now.items() if sig != seen.get(n) and n not in settled}
+            if settled:
+                await self.reload()
+                seen |= {n: now[n] for n in settled}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._watcher, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watcher = None

@@ -1,0 +1,237 @@
+"""Several models in one server: choose per request, fair sharing of the device, weights replaced without downtime."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from FlagEmbedding import FlagReranker
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from reranker_proto import reranker_pb2 as pb
+from reranker_proto import reranker_pb2_grpc as pb_grpc
+from server.app import RerankServer
+from server.config import ConfigError, load_config, parse_models
+from server.model import RerankerModel
+from tests.conftest import test_config
+from tests.ops_helpers import free_port, sample, scrape, until
+from tests.subprocess_server import ServerProcess
+from tools.make_model import SENTENCES, build_model
+
+QUERY = "what is panda?"
+PASSAGES = SENTENCES[:6]
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's shape with other random weights (seed 1)."""
+    return build_model(tmp_path_factory.mktemp("tiny-reranker-seed1"), "tiny", seed=1)
+
+
+def reference(model_dir: Path, pairs: list[tuple[str, str]]) -> list[float]:
+    flag = FlagReranker(str(model_dir), devices=["cpu"], use_fp16=False)
+    return [float(s) for s in flag.compute_score([list(p) for p in pairs])]
+
+
+def test_model_specs_from_flags_and_environment() -> None:
+    c = load_config(["--model", "base=/m/bge-reranker-base", "--model", "/m/bge-reranker-v2-m3"], env={})
+    assert c.models == [("base", "/m/bge-reranker-base"), ("bge-reranker-v2-m3", "/m/bge-reranker-v2-m3")]
+    assert c.default_model == "base"
+    env = {"RERANKER_MODELS": "a=/x/one, b=BAAI/bge-reranker-base", "RERANKER_MODEL": "/ignored"}
+    assert load_config([], env=env).models == [("a", "/x/one"), ("b", "BAAI/bge-reranker-base")]
+    assert load_config([], env={}).models == [("bge-reranker-base", "BAAI/bge-reranker-base")]
+    with pytest.raises(SystemExit):
+        load_config(["--model", "a=/x", "--model", "a=/y"], env={})
+    with pytest.raises(ConfigError, match="NAME=PATH_OR_ID"):
+        parse_models("=/x")
+
+
+@pytest.fixture
+async def two_models(model_dir: Path, other_model_dir: Path, engine: Any) -> AsyncIterator[RerankServer]:
+    config = test_config(model_dir, model=f"one={model_dir},two={other_model_dir}")
+    two = RerankerModel(config, str(other_model_dir), "two")
+    srv = RerankServer(config, engines={"one": engine, "two": two})
+    await srv.start()
+    yield srv
+    await srv.stop(0)
+
+
+async def test_each_request_is_scored_by_the_model_it_names(
+    two_models: RerankServer, model_dir: Path, other_model_dir: Path
+) -> None:
+    pairs = [(QUERY, p) for p in PASSAGES]
+    expected = {"one": reference(model_dir, pairs), "two": reference(other_model_dir, pairs)}
+    assert expected["one"] != pytest.approx(expected["two"], abs=1e-3)  # the two really differ
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{two_models.port}") as ch:
+        stub = pb_grpc.RerankerStub(ch)
+        for name, want in [("", expected["one"]), ("one", expected["one"]), ("two", expected["two"])]:
+            resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES, model=name))
+            assert list(resp.scores) == pytest.approx(want, abs=1e-6)
+            assert resp.model == (name or "one")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES, model="three"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "three" in (err.value.details() or "") and "one, two" in (err.value.details() or "")
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(model="two"))
+        assert (info.model, list(info.models)) == ("two", ["one", "two"])
+        default = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert default.model == "one" and len(default.revision) == 12 and default.revision != info.revision
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetModelInfo(pb.GetModelInfoRequest(model="nope"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class SlowEngine:
+    """The real engine, each forward pass taking at least `delay_s`; records which model each launch served."""
+
+    def __init__(self, engine: Any, name: str, log: list[str], delay_s: float) -> None:
+        self._engine, self._name, self._log, self._delay = engine, name, log, delay_s
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._engine, attr)
+
+    def launch(self, batch: Sequence[Any]) -> Callable[[], list[float]]:
+        self._log.append(self._name)
+        time.sleep(self._delay)
+        return self._engine.launch(batch)  # type: ignore[no-any-return]
+
+
+async def test_a_flood_on_one_model_does_not_starve_another(
+    model_dir: Path, other_model_dir: Path, engine: Any
+) -> None:
+    launches: list[str] = []
+    two = RerankerModel(test_config(model_dir), str(other_model_dir), "two")
+    config = test_config(model_dir, model=f"one={model_dir},two={other_model_dir}", batch_size=4, max_wait_ms=0.0)
+    engines = {"one": SlowEngine(engine, "one", launches, 0.02), "two": SlowEngine(two, "two", launches, 0.02)}
+    srv = RerankServer(config, engines=engines)  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.RerankerStub(ch)
+            flood = [
+                asyncio.ensure_future(stub.Rerank(pb.RerankRequest(query=f"{QUERY} {i}", candidates=PASSAGES[:4])))
+                for i in range(40)
+            ]  # 40 batches of 4 for model one: about a second of device time
+            batcher = srv.batcher("one")
+            assert batcher is not None
+            await until(lambda: batcher.stats.batches >= 3)
+            started = len(launches)
+            await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES[:4], model="two"), timeout=10)
+            waited = launches[started:].index("two")
+            assert waited <= 2, launches  # served after at most the flood's batches already queued on the thread
+            assert not all(f.done() for f in flood)  # ... long before the flood drained
+            await asyncio.gather(*flood)
+    finally:
+        await srv.stop(0)
+
+
+async def test_reload_swaps_changed_weights_and_keeps_serving_on_a_bad_one(
+    model_dir: Path, other_model_dir: Path, tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(model_dir, live)
+    srv = RerankServer(test_config(live, metrics_port=free_port()))
+    await srv.start()
+    try:
+        pairs = [(QUERY, p) for p in PASSAGES]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.RerankerStub(ch)
+            before = await stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert await srv.reloader.reload() == {"live": "unchanged"}
+            _replace_weights(other_model_dir, live)
+            assert await srv.reloader.reload() == {"live": "ok"}
+            after = await stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert after.revision != before.revision
+            resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
+            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+            (live / "config.json").write_text("{not json")  # a broken replacement: the old weights keep serving
+            assert await srv.reloader.reload() == {"live": "failed"}
+            resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
+            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+        m = await asyncio.to_thread(scrape, srv.metrics_port)
+        assert sample(m, "reranker_model_reloads_total", model="live", result="ok") == 1
+        assert sample(m, "reranker_model_reloads_total", model="live", result="failed") == 1
+    finally:
+        await srv.stop(0)
+
+
+def _replace_weights(source: Path, live: Path) -> None:
+    """Write the new model's files over the live directory, each by rename (as a deploy tool would)."""
+    for f in source.iterdir():
+        tmp = live / f".{f.name}.new"
+        shutil.copyfile(f, tmp)
+        os.replace(tmp, live / f.name)
+
+
+def test_sighup_under_load_swaps_without_a_failed_call(model_dir: Path, other_model_dir: Path, tmp_path: Path) -> None:
+    """16 clients call while the directory is replaced and SIGHUP arrives: every call succeeds, each answer is the old
+    or the new model's, every call started after the swap gets the new one, health stays SERVING."""
+    live = tmp_path / "live"
+    shutil.copytree(model_dir, live)
+    pairs = [(QUERY, p) for p in PASSAGES]
+    old, new = reference(model_dir, pairs), reference(other_model_dir, pairs)
+    server = ServerProcess(live, tmp_path / "server.log", "--max-wait-ms", "1")
+    try:
+        asyncio.run(_calls_through_a_swap(server, live, other_model_dir, old, new))
+    finally:
+        server.stop()
+
+
+async def _calls_through_a_swap(
+    server: ServerProcess, live: Path, other: Path, old: list[float], new: list[float]
+) -> None:
+    outcomes: list[tuple[float, str]] = []  # (start time, "old" | "new")
+    errors: list[str] = []
+    health: list[int] = []
+    swapped_at: list[float] = []
+    stop = threading.Event()
+
+    def which(scores: list[float]) -> str:
+        if scores == pytest.approx(old, abs=1e-5):
+            return "old"
+        return "new" if scores == pytest.approx(new, abs=1e-5) else "neither"
+
+    async def client(stub: pb_grpc.RerankerStub) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            try:
+                resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES), timeout=30)
+                outcomes.append((t, which(list(resp.scores))))
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+
+    async def watch(stub: pb_grpc.RerankerStub, probe: health_pb2_grpc.HealthStub, revision: str) -> None:
+        while not stop.is_set():
+            health.append((await probe.Check(health_pb2.HealthCheckRequest(), timeout=5)).status)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            if info.revision != revision and not swapped_at:
+                swapped_at.append(time.monotonic())
+            await asyncio.sleep(0.02)
+
+    async with grpc.aio.insecure_channel(server.target) as ch:
+        stub, probe = pb_grpc.RerankerStub(ch), health_pb2_grpc.HealthStub(ch)
+        revision = (await stub.GetModelInfo(pb.GetModelInfoRequest())).revision
+        tasks = [asyncio.ensure_future(client(stub)) for _ in range(16)]
+        tasks.append(asyncio.ensure_future(watch(stub, probe, revision)))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(_replace_weights, other, live)
+        server.proc.send_signal(signal.SIGHUP)
+        await until(lambda: bool(swapped_at), 60)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert swapped_at, f"no swap seen:\n{server.log()[-2000:]}"
+    assert not errors, errors[:5]
+    assert {o for _, o in outcomes} == {"old", "new"}, {o for _, o in outcomes}
+    assert all(o == "new" for t, o in outcomes if t > swapped_at[0]), "an old answer after the swap"
+    assert set(health) == {health_pb2.HealthCheckResponse.SERVING}
+    assert "reloaded: revision" in server.log()

@@ -1,0 +1,142 @@
+"""The batched tokenizer path gives exactly compute_score's ids, and padding exactly tokenizer.pad's tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from FlagEmbedding.inference.reranker.encoder_only import base as flag_base
+from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tools.make_model import SENTENCES
+
+# Pieces that stress the decode/re-encode round trip: words the test tokenizer knows, CJK, emoji, combining
+# marks, runs of spaces, characters it has never seen (unknown tokens), and zero-width or control-like ones.
+PIECES = [
+    *" ".join(SENTENCES).split(),
+    *"什么是函数计算今天天气",
+    "😀",
+    "👩‍💻",
+    "e\u0301",
+    "\u0308",
+    "Ж",
+    "ß",
+    "ﬁ",
+    "\u200b",
+    " ",
+    "   ",
+    "\t",
+    "\n",
+    "<unk>",
+    "<s>",
+    "€",
+    "١٢٣",
+]
+MAX_LENGTHS = [8, 12, 16, 32, 64, 512]
+
+
+def texts(max_pieces: int) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(PIECES), min_size=1, max_size=max_pieces).map("".join)
+
+
+@contextmanager
+def recorded_compute_score_ids() -> Iterator[list[tuple[list[int], bool]]]:
+    """Each pair's ids as compute_score builds them, and whether its own path raised for that pair.
+
+    Where FlagReranker's `only_second` raises (the round trip made the query too long) the server cuts both texts
+    instead; the recorder does the same so compute_score can go on, and marks the pair.
+    """
+    original = flag_base.prepare_for_model_compat
+    seen: list[tuple[list[int], bool]] = []
+
+    def record(tokenizer: Any, q: Any, d: Any, **kwargs: Any) -> Any:
+        try:
+            item = original(tokenizer, q, d, **kwargs)
+            raised = False
+        except Exception:
+            item = original(tokenizer, q, d, **{**kwargs, "truncation": "longest_first"})
+            raised = True
+        seen.append((list(item["input_ids"]), raised))
+        return item
+
+    flag_base.prepare_for_model_compat = record
+    try:
+        yield seen
+    finally:
+        flag_base.prepare_for_model_compat = original
+
+
+def _check_same_ids(engine: Any, flag_reranker: Any, pairs: list[tuple[str, str]], max_length: int) -> int:
+    with recorded_compute_score_ids() as seen:
+        flag_reranker.compute_score([list(p) for p in pairs], max_length=max_length)
+    ours = engine.encode(pairs, max_length)
+    assert [e.input_ids for e in ours] == [ids for ids, _ in seen]
+    for e in ours:
+        assert len(e) <= max_length
+        assert all(len(v) == len(e) for v in e.extra.values())
+    return sum(raised for _, raised in seen)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    max_length=st.sampled_from(MAX_LENGTHS),
+    queries=st.lists(texts(60), min_size=1, max_size=3),
+)
+def test_batched_ids_equal_compute_score(
+    engine: Any, flag_reranker: Any, data: st.DataObject, max_length: int, queries: list[str]
+) -> None:
+    passages = data.draw(st.lists(texts(400), min_size=1, max_size=8))
+    pairs = [(queries[i % len(queries)], p) for i, p in enumerate(passages)]
+    raised = _check_same_ids(engine, flag_reranker, pairs, max_length)
+    event("some pair raised in FlagReranker's own path" if raised else "no pair raised")
+
+
+def test_pairs_where_flagreranker_raises_are_cut_on_both_sides(engine: Any, flag_reranker: Any) -> None:
+    # Queries at 3/4 of max_length that the round trip lengthens (here: unknown characters, which decode to
+    # '<unk>', and CJK), next to ordinary pairs in one call: the batched call fails as a whole, each pair is exact.
+    pairs = [
+        ("what is panda?", SENTENCES[2]),
+        ("abcdefghijklmnop" * 3, SENTENCES[2]),
+        ("hi", "今天天气怎么样 " * 30),
+        ("什么 是 " * 10, "hi"),
+    ]
+    assert _check_same_ids(engine, flag_reranker, pairs, 16) >= 1
+
+
+def test_round_trip_matters(engine: Any) -> None:
+    """The test tokenizer is one where decoding and re-encoding changes ids, so the parity tests mean something."""
+    tok = engine.tokenizer
+    changed = 0
+    for text in SENTENCES + ["Ж ß € e\u0301 👩‍💻  x"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        again = tok(
+            tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), add_special_tokens=False
+        )
+        changed += again["input_ids"] != ids
+    assert changed >= 1
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 9, 1], [40, 2, 2, 17]])
+def test_collate_equals_tokenizer_pad(engine: Any, lengths: list[int]) -> None:
+    pairs = [("what is panda?", " ".join(SENTENCES)[: 7 * n]) for n in lengths]
+    batch = engine.encode(pairs, 32)
+    ours = engine._collate(batch)
+    theirs = pad_with_compat(
+        engine.tokenizer, [{"input_ids": e.input_ids, **e.extra} for e in batch], padding=True, return_tensors="pt"
+    )
+    assert sorted(ours) == sorted(theirs.keys())
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+
+
+def test_launch_then_collect_equals_compute_score(engine: Any, flag_reranker: Any) -> None:
+    pairs = [("what is panda?", s) for s in SENTENCES]
+    collect = engine.launch(engine.encode(pairs))
+    expected = flag_reranker.compute_score([list(p) for p in pairs])
+    assert collect() == pytest.approx(expected, abs=1e-5)
