@@ -47,6 +47,10 @@ class DeadlineExceededError(RerankerError, TimeoutError):
     """The call did not finish within its deadline (DEADLINE_EXCEEDED)."""
 
 
+class ModelNotFoundError(RerankerError, LookupError):
+    """The request named a model the server does not serve; the message lists the ones it does."""
+
+
 class AuthenticationError(RerankerError):
     """The API key is missing or wrong (UNAUTHENTICATED or PERMISSION_DENIED)."""
 
@@ -57,6 +61,7 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[RerankerError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
 }
@@ -113,6 +118,8 @@ class ModelInfo:
     version: str
     max_candidates: int
     max_text_chars: int
+    models: list[str]  # every model the server has loaded; the first is its default
+    revision: str  # a short hash of the model's weights: changes when they are replaced
 
 
 def _optional_positive(value: int | None, name: str) -> int:
@@ -141,6 +148,7 @@ def rerank_request(
     normalize: bool,
     return_documents: bool,
     max_length: int | None,
+    model: str = "",
 ) -> pb.RerankRequest:
     if not isinstance(query, str):
         raise invalid(f"query must be a string, got {type(query).__name__}")
@@ -151,10 +159,13 @@ def rerank_request(
         normalize=normalize,
         return_documents=return_documents,
         max_length=_optional_positive(max_length, "max_length"),
+        model=model,
     )
 
 
-def pairs_request(pairs: Sequence[tuple[str, str]], *, normalize: bool, max_length: int | None) -> pb.RerankRequest:
+def pairs_request(
+    pairs: Sequence[tuple[str, str]], *, normalize: bool, max_length: int | None, model: str = ""
+) -> pb.RerankRequest:
     if isinstance(pairs, str | bytes):
         raise invalid("pairs must be a list of (query, passage) tuples, not a string")
     messages = []
@@ -163,7 +174,7 @@ def pairs_request(pairs: Sequence[tuple[str, str]], *, normalize: bool, max_leng
             raise invalid(f"pairs[{i}] must be a (query, passage) pair of strings, got {pair!r:.80}")
         messages.append(pb.Pair(query=pair[0], passage=pair[1]))
     max_tokens = _optional_positive(max_length, "max_length")
-    return pb.RerankRequest(pairs=messages, normalize=normalize, max_length=max_tokens)
+    return pb.RerankRequest(pairs=messages, normalize=normalize, max_length=max_tokens, model=model)
 
 
 def rerank_result(resp: pb.RerankResponse, return_documents: bool) -> RerankResult:
@@ -186,6 +197,8 @@ def model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         version=resp.version,
         max_candidates=resp.limits.max_candidates,
         max_text_chars=resp.limits.max_text_chars,
+        models=list(resp.models),
+        revision=resp.revision,
     )
 
 
