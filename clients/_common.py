@@ -47,6 +47,10 @@ class DeadlineExceededError(RerankerError, TimeoutError):
     """The call did not finish within its deadline (DEADLINE_EXCEEDED)."""
 
 
+class ModelNotFoundError(RerankerError, LookupError):
+    """The request named a model the server does not serve; the message lists the ones it does."""
+
+
 class AuthenticationError(RerankerError):
     """The API key is missing or wrong (UNAUTHENTICATED or PERMISSION_DENIED)."""
 
@@ -57,6 +61,7 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[RerankerError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
 }
@@ -118,6 +123,7 @@ class StreamRequest:
     normalize: bool = False
     return_documents: bool = False
     max_length: int | None = None
+    model: str = ""  # which loaded model scores it; "" = the server's default
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,8 @@ class ModelInfo:
     version: str
     max_candidates: int
     max_text_chars: int
+    models: list[str]  # every model the server has loaded; the first is its default
+    revision: str  # a short hash of the model's weights: changes when they are replaced
 
 
 def _optional_positive(value: int | None, name: str) -> int:
@@ -171,6 +179,7 @@ def rerank_request(
     normalize: bool,
     return_documents: bool,
     max_length: int | None,
+    model: str = "",
 ) -> pb.RerankRequest:
     if not isinstance(query, str):
         raise invalid(f"query must be a string, got {type(query).__name__}")
@@ -181,10 +190,13 @@ def rerank_request(
         normalize=normalize,
         return_documents=return_documents,
         max_length=_optional_positive(max_length, "max_length"),
+        model=model,
     )
 
 
-def pairs_request(pairs: Sequence[tuple[str, str]], *, normalize: bool, max_length: int | None) -> pb.RerankRequest:
+def pairs_request(
+    pairs: Sequence[tuple[str, str]], *, normalize: bool, max_length: int | None, model: str = ""
+) -> pb.RerankRequest:
     if isinstance(pairs, str | bytes):
         raise invalid("pairs must be a list of (query, passage) tuples, not a string")
     messages = []
@@ -193,7 +205,7 @@ def pairs_request(pairs: Sequence[tuple[str, str]], *, normalize: bool, max_leng
             raise invalid(f"pairs[{i}] must be a (query, passage) pair of strings, got {pair!r:.80}")
         messages.append(pb.Pair(query=pair[0], passage=pair[1]))
     max_tokens = _optional_positive(max_length, "max_length")
-    return pb.RerankRequest(pairs=messages, normalize=normalize, max_length=max_tokens)
+    return pb.RerankRequest(pairs=messages, normalize=normalize, max_length=max_tokens, model=model)
 
 
 def stream_message(request: StreamRequest, number: int) -> pb.RerankRequest:
@@ -203,7 +215,9 @@ def stream_message(request: StreamRequest, number: int) -> pb.RerankRequest:
     if request.pairs:
         if request.query or request.candidates:
             raise invalid("a StreamRequest has either query + candidates or pairs, not both")
-        msg = pairs_request(request.pairs, normalize=request.normalize, max_length=request.max_length)
+        msg = pairs_request(
+            request.pairs, normalize=request.normalize, max_length=request.max_length, model=request.model
+        )
         msg.top_n = _optional_positive(request.top_n, "top_n")
         msg.return_documents = request.return_documents
     else:
@@ -214,6 +228,7 @@ def stream_message(request: StreamRequest, number: int) -> pb.RerankRequest:
             normalize=request.normalize,
             return_documents=request.return_documents,
             max_length=request.max_length,
+            model=request.model,
         )
     msg.request_id = request.request_id or str(number)
     return msg
@@ -248,6 +263,8 @@ def model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         version=resp.version,
         max_candidates=resp.limits.max_candidates,
         max_text_chars=resp.limits.max_text_chars,
+        models=list(resp.models),
+        revision=resp.revision,
     )
 
 

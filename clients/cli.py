@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--normalize", action="store_true", help="sigmoid scores in [0, 1] instead of raw logits")
     rerank.add_argument("--return-documents", action="store_true", help="include each candidate's text")
     rerank.add_argument("--max-length", type=int, help="tokens per pair (at most the server's limit)")
+    rerank.add_argument("--model", default="", help="which loaded model scores it (default: the server's default)")
     health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default=SERVICE_NAME, help="service to check (%(default)s; '' = server)")
-    sub.add_parser("info", parents=[common], help="model, device, dtype and request limits")
+    info = sub.add_parser("info", parents=[common], help="model, device, dtype, revision and request limits")
+    info.add_argument("--model", default="", help="which loaded model to describe (default: the server's default)")
     return p
 
 
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 normalize=args.normalize,
                 return_documents=args.return_documents,
                 max_length=args.max_length,
+                model=args.model,
             )
             _print(asdict(result))
             return 0
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             status = client.health(args.service)
             _print({"status": status})
             return 0 if status == "SERVING" else 1
-        _print(asdict(client.model_info()))
+        _print(asdict(client.model_info(args.model)))
         return 0
 
 

@@ -25,6 +25,7 @@ from clients._common import (
     DeadlineExceededError,
     InvalidRequestError,
     ModelInfo,
+    ModelNotFoundError,
     OverloadedError,
     RankedResult,
     RerankerError,
@@ -53,6 +54,7 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidRequestError",
     "ModelInfo",
+    "ModelNotFoundError",
     "OverloadedError",
     "RankedResult",
     "RerankResult",
@@ -193,6 +195,7 @@ class RerankerClient(_Base):
         normalize: bool = False,
         return_documents: bool = False,
         max_length: int | None = None,
+        model: str = "",
         timeout: float | None = None,
     ) -> RerankResult:
         """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores."""
@@ -203,6 +206,7 @@ class RerankerClient(_Base):
             normalize=normalize,
             return_documents=return_documents,
             max_length=max_length,
+            model=model,
         )
         return rerank_result(self._call(self._stub.Rerank, req, timeout), return_documents)
 
@@ -212,10 +216,11 @@ class RerankerClient(_Base):
         *,
         normalize: bool = False,
         max_length: int | None = None,
+        model: str = "",
         timeout: float | None = None,
     ) -> list[float]:
         """One score per (query, passage) pair, in input order."""
-        req = pairs_request(pairs, normalize=normalize, max_length=max_length)
+        req = pairs_request(pairs, normalize=normalize, max_length=max_length, model=model)
         return list(self._call(self._stub.Rerank, req, timeout).scores)
 
     def rerank_stream(
@@ -242,8 +247,9 @@ class RerankerClient(_Base):
         if messages.error is not None:
             raise messages.error
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    def model_info(self, model: str = "", *, timeout: float | None = None) -> ModelInfo:
+        """A loaded model (default: the server's default) and the server's limits."""
+        return model_info(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(model=model), timeout))
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status: SERVING, NOT_SERVING or SERVICE_UNKNOWN."""
@@ -301,6 +307,7 @@ class AsyncRerankerClient(_Base):
         normalize: bool = False,
         return_documents: bool = False,
         max_length: int | None = None,
+        model: str = "",
         timeout: float | None = None,
     ) -> RerankResult:
         """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores."""
@@ -311,6 +318,7 @@ class AsyncRerankerClient(_Base):
             normalize=normalize,
             return_documents=return_documents,
             max_length=max_length,
+            model=model,
         )
         return rerank_result(await self._call(self._stub.Rerank, req, timeout), return_documents)
 
@@ -320,10 +328,11 @@ class AsyncRerankerClient(_Base):
         *,
         normalize: bool = False,
         max_length: int | None = None,
+        model: str = "",
         timeout: float | None = None,
     ) -> list[float]:
         """One score per (query, passage) pair, in input order."""
-        req = pairs_request(pairs, normalize=normalize, max_length=max_length)
+        req = pairs_request(pairs, normalize=normalize, max_length=max_length, model=model)
         return list((await self._call(self._stub.Rerank, req, timeout)).scores)
 
     async def rerank_stream(
@@ -346,8 +355,10 @@ class AsyncRerankerClient(_Base):
         if messages.error is not None:
             raise messages.error
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        return model_info(await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+    async def model_info(self, model: str = "", *, timeout: float | None = None) -> ModelInfo:
+        """A loaded model (default: the server's default) and the server's limits."""
+        req = pb.GetModelInfoRequest(model=model)
+        return model_info(await self._call(self._stub.GetModelInfo, req, timeout))
 
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status: SERVING, NOT_SERVING or SERVICE_UNKNOWN."""

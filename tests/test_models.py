@@ -226,7 +226,7 @@ async def _calls_through_a_swap(
         await asyncio.to_thread(_replace_weights, other, live)
         server.proc.send_signal(signal.SIGHUP)
         await until(lambda: bool(swapped_at), 60)
-        await asyncio.sleep(0.5)
+        await until(lambda: sum(t > swapped_at[0] for t, _ in outcomes) >= 32, 60)  # answers to calls sent after it
         stop.set()
         await asyncio.gather(*tasks)
     assert swapped_at, f"no swap seen:\n{server.log()[-2000:]}"
@@ -235,3 +235,17 @@ async def _calls_through_a_swap(
     assert all(o == "new" for t, o in outcomes if t > swapped_at[0]), "an old answer after the swap"
     assert set(health) == {health_pb2.HealthCheckResponse.SERVING}
     assert "reloaded: revision" in server.log()
+
+
+async def test_client_chooses_the_model(two_models: RerankServer, model_dir: Path, other_model_dir: Path) -> None:
+    from clients import AsyncRerankerClient, ModelNotFoundError
+
+    pairs = [(QUERY, p) for p in PASSAGES]
+    async with AsyncRerankerClient(f"127.0.0.1:{two_models.port}") as client:
+        out = await client.rerank(QUERY, PASSAGES, model="two")
+        assert out.model == "two" and out.scores == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+        assert await client.score_pairs(pairs, model="one") == pytest.approx(reference(model_dir, pairs), abs=1e-6)
+        info = await client.model_info("two")
+        assert (info.model, info.models, len(info.revision)) == ("two", ["one", "two"], 12)
+        with pytest.raises(ModelNotFoundError, match="one, two"):
+            await client.rerank(QUERY, PASSAGES, model="three")
