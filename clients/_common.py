@@ -77,6 +77,23 @@ def error_from_rpc(exc: grpc.RpcError) -> RerankerError:
     return ERROR_BY_STATUS.get(code, RerankerError)(code, message)
 
 
+# grpc.aio reports a write into a stream the server has just ended as this INTERNAL status, hiding the server's
+# own (on a drain, UNAVAILABLE): the answers already received stand, the requests without one were not read.
+_WRITE_RACE = "Internal error from Core"
+
+
+def stream_error(exc: grpc.RpcError) -> RerankerError:
+    """The typed error that ended a stream."""
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.INTERNAL and exc.details() == _WRITE_RACE:  # type: ignore[attr-defined]
+        return UnavailableError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the server ended the stream while requests were still being sent (as it does when it drains): "
+            "requests without an answer were not read, resend them",
+        )
+    return error_from_rpc(exc)
+
+
 def invalid(message: str) -> InvalidRequestError:
     return InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 

@@ -43,6 +43,7 @@ from clients._common import (
     rerank_request,
     rerank_result,
     stream_answer,
+    stream_error,
     stream_message,
 )
 from reranker_proto import reranker_pb2 as pb
@@ -241,7 +242,7 @@ class RerankerClient(_Base):
             for resp in call:
                 yield stream_answer(resp)
         except grpc.RpcError as exc:
-            raise messages.error or error_from_rpc(exc) from exc
+            raise messages.error or stream_error(exc) from exc
         finally:
             call.cancel()  # the caller stopped early: end the stream and drop its queued work
         if messages.error is not None:
@@ -349,7 +350,7 @@ class AsyncRerankerClient(_Base):
             async for resp in call:
                 yield stream_answer(resp)
         except grpc.RpcError as exc:
-            raise messages.error or error_from_rpc(exc) from exc
+            raise messages.error or stream_error(exc) from exc
         finally:
             call.cancel()
         if messages.error is not None:
