@@ -132,7 +132,7 @@ class _Messages:
 
     def __init__(self, requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest]) -> None:
         self._requests = requests
-        self.error: RerankerError | None = None
+        self.error: Exception | None = None
 
     def __iter__(self) -> Iterator[pb.RerankRequest]:
         assert isinstance(self._requests, Iterable)
@@ -158,6 +158,23 @@ class _Messages:
         else:
             for message in self:
                 yield message
+
+
+async def _send(call: Any, messages: _Messages) -> None:
+    """Write once the server has accepted the stream (its headers come first), so a refusal such as a wrong API
+    key is never hidden by a write into the refused stream; stop when the stream ends."""
+    await call.initial_metadata()
+    try:
+        async for message in messages.aiter():
+            if call.done():
+                return
+            await call.write(message)
+        await call.done_writing()
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        return  # the stream ended: the reading side reports how
+    except Exception as exc:  # the caller's own iterator failed: end the stream and raise it there
+        messages.error = exc
+        call.cancel()
 
 
 class RerankerClient(_Base):
@@ -345,13 +362,15 @@ class AsyncRerankerClient(_Base):
         `request_id`; a request's error comes as its answer. No deadline unless `timeout` is given.
         """
         messages = _Messages(requests)
-        call = self._stub.RerankStream(messages.aiter(), **self._stream_kwargs(timeout))
+        call = self._stub.RerankStream(**self._stream_kwargs(timeout))
+        writer = asyncio.ensure_future(_send(call, messages))
         try:
-            async for resp in call:
+            while (resp := await call.read()) is not grpc.aio.EOF:
                 yield stream_answer(resp)
         except grpc.RpcError as exc:
             raise messages.error or stream_error(exc) from exc
         finally:
+            writer.cancel()
             call.cancel()
         if messages.error is not None:
             raise messages.error

@@ -143,6 +143,7 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def RerankStream(
         self, request_iterator: AsyncIterator[pb.RerankRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.RerankStreamResponse]:
+        await context.send_initial_metadata(())  # accepted: the client starts writing on these headers
         try:
             async for answer in answer_stream(request_iterator, self._rerank, self.admission):
                 yield answer
