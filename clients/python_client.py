@@ -44,8 +44,8 @@ from clients._common import (
     rerank_result,
     stream_answer,
     stream_error,
-    stream_message,
 )
+from clients._stream import Messages, send
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 
@@ -126,57 +126,6 @@ class _Base:
         )
 
 
-class _Messages:
-    """A stream's requests as messages. A bad item ends the sending side; the stream raises it after the answers
-    to the items before it (an exception inside gRPC's request iterator would only cancel the call)."""
-
-    def __init__(self, requests: AsyncIterable[StreamRequest] | Iterable[StreamRequest]) -> None:
-        self._requests = requests
-        self.error: Exception | None = None
-
-    def __iter__(self) -> Iterator[pb.RerankRequest]:
-        assert isinstance(self._requests, Iterable)
-        for number, request in enumerate(self._requests):
-            try:
-                message = stream_message(request, number)
-            except RerankerError as exc:
-                self.error = exc
-                return
-            yield message
-
-    async def aiter(self) -> AsyncIterator[pb.RerankRequest]:
-        if isinstance(self._requests, AsyncIterable):
-            number = 0
-            async for request in self._requests:
-                try:
-                    message = stream_message(request, number)
-                except RerankerError as exc:
-                    self.error = exc
-                    return
-                number += 1
-                yield message
-        else:
-            for message in self:
-                yield message
-
-
-async def _send(call: Any, messages: _Messages) -> None:
-    """Write once the server has accepted the stream (its headers come first), so a refusal such as a wrong API
-    key is never hidden by a write into the refused stream; stop when the stream ends."""
-    await call.initial_metadata()
-    try:
-        async for message in messages.aiter():
-            if call.done():
-                return
-            await call.write(message)
-        await call.done_writing()
-    except (grpc.RpcError, asyncio.InvalidStateError):
-        return  # the stream ended: the reading side reports how
-    except Exception as exc:  # the caller's own iterator failed: end the stream and raise it there
-        messages.error = exc
-        call.cancel()
-
-
 class RerankerClient(_Base):
     """Blocking client; owns its channel (use `with`, or call `close()`).
 
@@ -253,10 +202,13 @@ class RerankerClient(_Base):
             raise TypeError(
                 "RerankerClient.rerank_stream takes an iterable of StreamRequest (async: AsyncRerankerClient)"
             )
-        messages = _Messages(requests)
+        messages = Messages(requests)
         call = self._stub.RerankStream(iter(messages), **self._stream_kwargs(timeout))
         try:
             for resp in call:
+                if resp.HasField("draining"):  # the server is shutting down: stop sending, answers still come
+                    messages.stop()
+                    continue
                 yield stream_answer(resp)
         except grpc.RpcError as exc:
             raise messages.error or stream_error(exc) from exc
@@ -361,11 +313,14 @@ class AsyncRerankerClient(_Base):
         `async for answer in client.rerank_stream(requests)`: answers come in completion order, matched by
         `request_id`; a request's error comes as its answer. No deadline unless `timeout` is given.
         """
-        messages = _Messages(requests)
+        messages = Messages(requests)
         call = self._stub.RerankStream(**self._stream_kwargs(timeout))
-        writer = asyncio.ensure_future(_send(call, messages))
+        writer = asyncio.ensure_future(send(call, messages))
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
+                if resp.HasField("draining"):  # the server is shutting down: stop sending, answers still come
+                    messages.stop()
+                    continue
                 yield stream_answer(resp)
         except grpc.RpcError as exc:
             raise messages.error or stream_error(exc) from exc

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\xc7\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"N\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\"\x95\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x91\x01\n\x14RerankStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.reranker.v1.RequestErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t2\xf5\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponse\x12Q\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\xc7\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"N\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\"\x95\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbf\x01\n\x14RerankStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.reranker.v1.RequestErrorH\x00\x12,\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x18.reranker.v1.DrainNoticeH\x00\x42\x08\n\x06result\"\x1e\n\x0b\x44rainNotice\x12\x0f\n\x07message\x18\x01 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t2\xf5\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponse\x12Q\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTERROR']._serialized_start=587
   _globals['_REQUESTERROR']._serialized_end=632
   _globals['_RERANKSTREAMRESPONSE']._serialized_start=635
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=780
-  _globals['_GETMODELINFOREQUEST']._serialized_start=782
-  _globals['_GETMODELINFOREQUEST']._serialized_end=818
-  _globals['_REQUESTLIMITS']._serialized_start=820
-  _globals['_REQUESTLIMITS']._serialized_end=903
-  _globals['_GETMODELINFORESPONSE']._serialized_start=906
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1109
-  _globals['_RERANKER']._serialized_start=1112
-  _globals['_RERANKER']._serialized_end=1357
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=826
+  _globals['_DRAINNOTICE']._serialized_start=828
+  _globals['_DRAINNOTICE']._serialized_end=858
+  _globals['_GETMODELINFOREQUEST']._serialized_start=860
+  _globals['_GETMODELINFOREQUEST']._serialized_end=896
+  _globals['_REQUESTLIMITS']._serialized_start=898
+  _globals['_REQUESTLIMITS']._serialized_end=981
+  _globals['_GETMODELINFORESPONSE']._serialized_start=984
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1187
+  _globals['_RERANKER']._serialized_start=1190
+  _globals['_RERANKER']._serialized_end=1435
 # @@protoc_insertion_point(module_scope)

@@ -133,7 +133,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.streams += 1
                 try:
                     async for answer in behavior(self._counted(requests, call), context):
-                        self._count_answer(method, answer, call)
+                        if not answer.HasField("draining"):  # the drain notice answers no request
+                            self._count_answer(method, answer, call)
                         yield answer
                 finally:
                     self.admission.streams -= 1

@@ -232,11 +232,16 @@ async def test_drain_answers_what_was_read_then_closes_with_unavailable(model_di
         await until(lambda: srv.interceptor.admission.draining)
         feed.send(StreamRequest(query=QUERY, candidates=CANDIDATES, request_id="late"))  # never read
         gate.gate.set()
-        got = [await answers.next() for _ in range(3)]
+        got = []
+        while (answer := await answers.next()) is not None:
+            got.append(answer)
         with pytest.raises(UnavailableError) as err:
             await answers.rest()
         await stopping
-    assert sorted(a.request_id for a in got) == ["a0", "a1", "a2"] and all(a.ok for a in got)
+    accepted = sorted(a.request_id for a in got if a.ok)
+    assert accepted == ["a0", "a1", "a2"]  # read before the drain: scored and answered
+    # "late" was either never sent (the client saw the drain notice first) or answered as not accepted.
+    assert all(a.request_id == "late" and isinstance(a.error, UnavailableError) for a in got if not a.ok)
     assert "requests without an answer were not read" in err.value.message
 
 
@@ -291,10 +296,14 @@ async def test_sigterm_mid_stream_loses_no_accepted_request(model_dir: Path, tmp
     (line,) = [ln for ln in log.splitlines() if "method=RerankStream" in ln]
     counts = dict(kv.split("=") for kv in line.split() if kv.startswith(("requests=", "answered=", "errors=")))
     print(f"\nSIGTERM mid-stream: {sent} sent, {len(got)} answered, server: {counts}, end: {err.value.message!r}")
-    assert signal_after <= len(got) < total and len({a.request_id for a in got}) == len(got)
-    assert int(counts["requests"]) == int(counts["answered"]) == len(got) and counts["errors"] == "0"
-    assert "code=UNAVAILABLE" in line
-    for a in got:  # every accepted request was answered in full
+    accepted = [a for a in got if a.ok]
+    refused = [a for a in got if not a.ok]  # sent before the client saw the drain notice: not accepted
+    print(f"accepted {len(accepted)}, refused {len(refused)}")
+    assert signal_after <= len(accepted) < total and len({a.request_id for a in got}) == len(got)
+    assert int(counts["requests"]) == int(counts["answered"]) == len(got)  # every request read was answered
+    assert int(counts["errors"]) == len(refused) and "code=UNAVAILABLE" in line
+    assert all(isinstance(a.error, UnavailableError) and "not accepted" in a.error.message for a in refused)
+    for a in accepted:  # every accepted request was answered in full
         i = int(a.request_id[1:])
         r = stream_request(i)
         req = pb.RerankRequest(query=r.query, candidates=r.candidates, top_n=r.top_n or 0)
