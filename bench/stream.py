@@ -34,7 +34,7 @@ from tools.make_model import SENTENCES
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS, CONCURRENCY, CANDIDATES = 4, 64, 20
-START, END = "<!-- results:stream:start -->", "<!-- results:stream:end -->"
+MARKER = "<!-- results:stream-1x{n}:{edge} -->"  # one section per request size
 
 
 def requests(count: int) -> list[pb.RerankRequest]:
@@ -96,7 +96,13 @@ async def stream(stubs: list[Any], pool: list[pb.RerankRequest], seconds: float)
     return latencies
 
 
-async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str, Any]]:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench(target: str, pid: int, seconds: float, rounds: int) -> dict[str, dict[str, Any]]:
     pool = requests(CONCURRENCY * 4)
     channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
     stubs = [pb_grpc.RerankerStub(ch) for ch in channels]
@@ -104,6 +110,8 @@ async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str,
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     wall: dict[str, float] = dict.fromkeys(paths, 0.0)
     per_round: dict[str, list[float]] = {name: [] for name in paths}
+    server_cpu: dict[str, float] = dict.fromkeys(paths, 0.0)  # CPU cost is less disturbed by other load than speed
+    client_cpu: dict[str, float] = dict.fromkeys(paths, 0.0)
     try:
         async with asyncio.timeout(600):
             while True:  # until the model has loaded
@@ -116,9 +124,11 @@ async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str,
             await run(stubs, pool, min(1.0, seconds))  # warm-up: connections, allocator, caches
         for r in range(rounds):  # alternate, so drift in machine speed hits both alike
             for name, run in paths.items():
-                start = time.perf_counter()  # to the last answer: requests still in flight at the end count
-                done = await run(stubs, pool, seconds)
+                start, server0, client0 = time.perf_counter(), cpu_s(pid), time.process_time()
+                done = await run(stubs, pool, seconds)  # to the last answer: requests in flight at the end count
                 elapsed = time.perf_counter() - start
+                server_cpu[name] += cpu_s(pid) - server0
+                client_cpu[name] += time.process_time() - client0
                 latencies[name] += done
                 wall[name] += elapsed
                 per_round[name].append(len(done) * CANDIDATES / elapsed)
@@ -132,40 +142,49 @@ async def bench(target: str, seconds: float, rounds: int) -> dict[str, dict[str,
             "pairs_per_s": len(lat) * CANDIDATES / wall[name],
             "p50_ms": percentile(lat, 50) * 1e3,
             "p99_ms": percentile(lat, 99) * 1e3,
-            "rounds": per_round[name],  # type: ignore[dict-item]
+            "rounds": per_round[name],
+            "server_cpu_ms": server_cpu[name] / len(lat) * 1e3,
+            "client_cpu_ms": client_cpu[name] / len(lat) * 1e3,
         }
         for name, lat in latencies.items()
     }
 
 
-def report(results: dict[str, dict[str, float]], note: str) -> str:
+def report(results: dict[str, dict[str, Any]], note: str) -> str:
     lines = [
         note,
         "",
-        "| path | requests | pairs/s | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| path | requests | pairs/s | pairs/s by round | p50 ms | p99 ms | server CPU ms/req | client CPU ms/req |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
+        by_round = ", ".join(f"{x:.0f}" for x in r["rounds"])
         lines.append(
-            f"| {name} | {r['requests']:.0f} | {r['pairs_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+            f"| {name} | {r['requests']} | {r['pairs_per_s']:.0f} | {by_round} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['server_cpu_ms']:.1f} | {r['client_cpu_ms']:.2f} |"
         )
     unary, streamed = results.values()
     lines.append("")
     lines.append(
         f"stream / unary: {streamed['pairs_per_s'] / unary['pairs_per_s']:.2f}x pairs/s, "
-        f"p99 {streamed['p99_ms'] / unary['p99_ms']:.2f}x"
+        f"p99 {streamed['p99_ms'] / unary['p99_ms']:.2f}x, server CPU per request "
+        f"{streamed['server_cpu_ms'] / unary['server_cpu_ms']:.2f}x, client CPU per request "
+        f"{streamed['client_cpu_ms'] / unary['client_cpu_ms']:.2f}x"
     )
     return "\n".join(lines)
 
 
 def write_readme(text: str) -> None:
+    """Replace this request size's section of bench/README.md, or add it at the end (the stream part is last)."""
     path = ROOT / "bench" / "README.md"
     readme = path.read_text()
-    block = f"{START}\n{text}\n{END}"
-    if START in readme:
-        readme = readme[: readme.index(START)] + block + readme[readme.index(END) + len(END) :]
+    start, end = (MARKER.format(n=CANDIDATES, edge=edge) for edge in ("start", "end"))
+    block = f"{start}\n{text}\n{end}"
+    if start in readme:
+        readme = readme[: readme.index(start)] + block + readme[readme.index(end) + len(end) :]
     else:
-        readme = readme.rstrip() + "\n\n## RerankStream vs unary Rerank\n\n" + block + "\n"
+        heading = "## RerankStream vs unary Rerank"
+        readme = readme.rstrip() + ("\n\n" if heading in readme else f"\n\n{heading}\n\n") + block + "\n"
     path.write_text(readme)
 
 
@@ -176,8 +195,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per path and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating unary/stream rounds")
     parser.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = one per core)")
+    parser.add_argument("--candidates", type=int, default=CANDIDATES, help="candidates per request (%(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/README.md as it is")
     args = parser.parse_args()
+    global CANDIDATES
+    CANDIDATES = args.candidates
     model = model_dir(args.shape, args.model)
     port = free_port()
     load_before = os.getloadavg()
@@ -186,10 +208,11 @@ def main() -> None:
         server_args += ["--log-level", "WARNING", "--threads", str(args.threads)]
         with process(server_args, Path(tmp) / "server.log") as proc:
             print(f"model={model} server pid={proc.pid}; {args.rounds} x {args.seconds:g} s per path", flush=True)
-            results = asyncio.run(bench(f"127.0.0.1:{port}", args.seconds, args.rounds))
+            results = asyncio.run(bench(f"127.0.0.1:{port}", proc.pid, args.seconds, args.rounds))
     shape = f"random-weight {args.shape} shape" if not args.model else args.model
     note = (
-        f"`python -m bench.stream --shape {args.shape} --seconds {args.seconds:g} --rounds {args.rounds}` on "
+        f"`python -m bench.stream --shape {args.shape} --seconds {args.seconds:g} --rounds {args.rounds} "
+        f"--candidates {CANDIDATES}` on "
         f"{time.strftime('%Y-%m-%d')}: model {shape}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
         f"Python {platform.python_version()}; 1 query x {CANDIDATES} candidates per request, {CONCURRENCY} in flight; "
         f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after."
