@@ -189,6 +189,7 @@ def write_readme(text: str) -> None:
 
 
 def main() -> None:
+    global CANDIDATES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (default: a random-weight model of --shape)")
     parser.add_argument("--shape", choices=["tiny", "base"], default="tiny", help="random-weight model shape")
@@ -198,7 +199,6 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=CANDIDATES, help="candidates per request (%(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/README.md as it is")
     args = parser.parse_args()
-    global CANDIDATES
     CANDIDATES = args.candidates
     model = model_dir(args.shape, args.model)
     port = free_port()
