@@ -16,6 +16,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.batcher import Batcher
+from server.chunking import Splitter, Windows, split_passages
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, status_for
 from server.metrics import Metrics
@@ -28,6 +29,7 @@ class Engine(Protocol):
     device: str
     dtype: str
     max_length: int
+    flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
 
@@ -78,6 +80,44 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
     return [(req.query, c) for c in req.candidates], list(req.candidates)
 
 
+def window_limits(req: pb.RerankRequest, config: Config) -> tuple[int, int] | None:
+    """(windows per passage, windows per request) when the request chunks long passages, else None."""
+    if req.long_documents not in (pb.LONG_DOCUMENTS_CHUNK, pb.LONG_DOCUMENTS_TRUNCATE_LEFT):
+        if req.max_windows_per_doc:
+            raise InvalidRequest("max_windows_per_doc applies only with long_documents=LONG_DOCUMENTS_CHUNK")
+        return None
+    if req.max_windows_per_doc > config.max_windows_per_doc:
+        raise InvalidRequest(
+            f"max_windows_per_doc {req.max_windows_per_doc} is above the server's limit of "
+            f"{config.max_windows_per_doc} windows per passage (--max-windows-per-doc)"
+        )
+    # A request larger than the queue could never be queued.
+    return req.max_windows_per_doc or config.max_windows_per_doc, min(
+        config.max_windows_per_request, config.max_queue_pairs
+    )
+
+
+def _split(
+    engine: Engine, req: pb.RerankRequest, pairs: list[tuple[str, str]], limits: tuple[int, int], config: Config
+) -> Windows:
+    per_doc, per_request = limits
+    doc_limit = f"max_windows_per_doc {per_doc}" if req.max_windows_per_doc else f"--max-windows-per-doc {per_doc}"
+    request_limit = (
+        f"--max-windows-per-request {per_request}"
+        if per_request == config.max_windows_per_request
+        else f"--max-queue-pairs {per_request}"
+    )
+    return split_passages(
+        Splitter(engine.flag, req.max_length or engine.max_length),
+        pairs,
+        keep_end_only=req.long_documents == pb.LONG_DOCUMENTS_TRUNCATE_LEFT,
+        per_doc=per_doc,
+        per_request=per_request,
+        name=(lambda i: f"pairs[{i}].passage") if req.pairs else (lambda i: f"candidates[{i}]"),
+        limit_names=(doc_limit, request_limit),
+    )
+
+
 def build_response(
     req: pb.RerankRequest, documents: list[str], raw: list[float], model: str, usage: pb.Usage
 ) -> pb.RerankResponse:
@@ -115,8 +155,14 @@ class RerankerService(pb_grpc.RerankerServicer):
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         pairs, documents = request_pairs(req, self.config)
+        limits = window_limits(req, self.config)
         scoring = self._ready()
         loop = asyncio.get_running_loop()
+        windows = None
+        if limits is not None:
+            split = functools.partial(_split, scoring.engine, req, pairs, limits, self.config)
+            windows = await loop.run_in_executor(scoring.tokenize_pool, split)
+            pairs = windows.pairs
         encode = functools.partial(scoring.engine.encode, pairs, req.max_length or None)
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(
@@ -126,9 +172,14 @@ class RerankerService(pb_grpc.RerankerServicer):
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
         usage = pb.Usage(
-            pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
+            pairs=len(documents),
+            windows=len(pairs),
+            tokens=result.tokens,
+            queue_ms=result.queue_s * 1e3,
+            inference_ms=result.inference_s * 1e3,
         )
-        return build_response(req, documents, result.scores, self.config.model, usage)
+        scores = result.scores if windows is None else windows.best(result.scores, len(documents))
+        return build_response(req, documents, scores, self.config.model, usage)
 
     async def _model_info(self) -> pb.GetModelInfoResponse:
         engine = self._ready().engine
