@@ -315,15 +315,22 @@ class InfinityRerankResponse(TypedDict):
 # ---------------------------------------------------------------- Cohere (and Jina) /v1/rerank, Cohere /v2/rerank
 
 
+class CohereDocument(TypedDict):
+    """A document as an object: ranked on `text`, or on the fields that `rank_fields` names."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    text: Text
+
+
 def _document(value: Any) -> Any:
     if isinstance(value, dict):
-        return value
+        return value  # its fields are checked against rank_fields once the whole request is read
     if not isinstance(value, str):
         raise _problem('must be a string or an object with "text", got {kind}', value)
-    return value
+    return _text(value)
 
 
-Document = Annotated[Text | dict[str, Any], BeforeValidator(_document)]
+Document = Annotated[Any, PlainValidator(_document, json_schema_input_type=Text | CohereDocument)]
 
 
 class CohereV1RerankRequest(_Request):

@@ -88,8 +88,8 @@ def window_limits(req: pb.RerankRequest, config: Config) -> tuple[int, int] | No
         return None
     if req.max_windows_per_doc > config.max_windows_per_doc:
         raise InvalidRequest(
-            f"max_windows_per_doc {req.max_windows_per_doc} is above the server's limit of "
-            f"{config.max_windows_per_doc} windows per passage (--max-windows-per-doc)"
+            f"max_windows_per_doc {req.max_windows_per_doc} (max_chunks_per_doc over REST) is above the server's "
+            f"limit of {config.max_windows_per_doc} windows per passage (--max-windows-per-doc)"
         )
     # A request larger than the queue could never be queued.
     return req.max_windows_per_doc or config.max_windows_per_doc, min(
@@ -101,7 +101,11 @@ def _split(
     engine: Engine, req: pb.RerankRequest, pairs: list[tuple[str, str]], limits: tuple[int, int], config: Config
 ) -> Windows:
     per_doc, per_request = limits
-    doc_limit = f"max_windows_per_doc {per_doc}" if req.max_windows_per_doc else f"--max-windows-per-doc {per_doc}"
+    doc_limit = (
+        f"max_windows_per_doc {per_doc}, max_chunks_per_doc over REST"
+        if req.max_windows_per_doc
+        else f"--max-windows-per-doc {per_doc}"
+    )
     request_limit = (
         f"--max-windows-per-request {per_request}"
         if per_request == config.max_windows_per_request

@@ -119,11 +119,14 @@ async def small_limits(model_dir: Path, engine: Any) -> AsyncIterator[pb_grpc.Re
         (
             {"candidates": [LONG[0]], "max_windows_per_doc": 2},
             "candidates[0] needs 8 windows to be scored whole; "
-            "the limit is 2 windows per passage (max_windows_per_doc 2)",
+            "the limit is 2 windows per passage (max_windows_per_doc 2, max_chunks_per_doc over REST)",
         ),
         ({"candidates": [LONG[0] * 3]}, "the limit is 8 windows per passage (--max-windows-per-doc 8)"),
         ({"candidates": [LONG[0]] * 3}, "the limit is 12 windows per request (--max-windows-per-request 12)"),
-        ({"candidates": ["a"], "max_windows_per_doc": 9}, "max_windows_per_doc 9 is above the server's limit of 8"),
+        (
+            {"candidates": ["a"], "max_windows_per_doc": 9},
+            "max_windows_per_doc 9 (max_chunks_per_doc over REST) is above the server's limit of 8",
+        ),
         ({"candidates": ["a"], "max_length": 16, "query": "q " * 50}, "max_length 16 leaves no room for a passage"),
     ],
 )
