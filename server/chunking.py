@@ -10,7 +10,7 @@ that fits scores exactly as when truncated, and a long one never scores below it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,30 +122,38 @@ def _cut(text: str, offsets: Sequence[tuple[int, int]], size: int, keep_end_only
     return windows
 
 
-def split_passages(
-    splitter: Splitter,
-    pairs: Sequence[tuple[str, str]],
-    keep_end_only: bool,
-    per_doc: int,
-    per_request: int,
-    name: Callable[[int], str],
-    limit_names: tuple[str, str],
-) -> Windows:
+@dataclass(frozen=True)
+class Limit:
+    count: int
+    name: str  # how an error names it, e.g. "--max-windows-per-doc 64"
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    keep_end_only: bool  # just the window that ends where the passage ends (truncate on the left)
+    per_doc: Limit
+    per_request: Limit
+    name: str  # how an error names passage i: a format string, e.g. "candidates[{}]"
+
+
+def split_passages(splitter: Splitter, pairs: Sequence[tuple[str, str]], plan: WindowPlan) -> Windows:
     """Windows of every pair's passage, or InvalidRequest naming the passage and the limit it breaks."""
     out: list[tuple[str, str]] = []
     owners: list[int] = []
     for i, (query, passage) in enumerate(pairs):
-        windows = splitter.split(query, passage, keep_end_only)
-        if len(windows) > per_doc:
+        windows = splitter.split(query, passage, plan.keep_end_only)
+        if len(windows) > plan.per_doc.count:
             raise InvalidRequest(
-                f"{name(i)} needs {len(windows)} windows to be scored whole; the limit is {per_doc} "
-                f"windows per passage ({limit_names[0]}); shorten it, raise the limit or truncate"
+                f"{plan.name.format(i)} needs {len(windows)} windows to be scored whole; the limit is "
+                f"{plan.per_doc.count} windows per passage ({plan.per_doc.name}); shorten it, raise the limit or "
+                "truncate"
             )
         out.extend((query, w) for w in windows)
         owners.extend([i] * len(windows))
-        if len(out) > per_request:
+        if len(out) > plan.per_request.count:
             raise InvalidRequest(
-                f"the request needs more than {per_request} windows; the limit is {per_request} windows "
-                f"per request ({limit_names[1]}); send fewer or shorter passages, or truncate"
+                f"the request needs more than {plan.per_request.count} windows; the limit is "
+                f"{plan.per_request.count} windows per request ({plan.per_request.name}); send fewer or shorter "
+                "passages, or truncate"
             )
     return Windows(out, owners)

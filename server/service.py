@@ -16,7 +16,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.batcher import Batcher
-from server.chunking import Splitter, Windows, split_passages
+from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, status_for
 from server.metrics import Metrics
@@ -80,45 +80,28 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
     return [(req.query, c) for c in req.candidates], list(req.candidates)
 
 
-def window_limits(req: pb.RerankRequest, config: Config) -> tuple[int, int] | None:
-    """(windows per passage, windows per request) when the request chunks long passages, else None."""
-    if req.long_documents not in (pb.LONG_DOCUMENTS_CHUNK, pb.LONG_DOCUMENTS_TRUNCATE_LEFT):
-        if req.max_windows_per_doc:
-            raise InvalidRequest("max_windows_per_doc applies only with long_documents=LONG_DOCUMENTS_CHUNK")
+def window_plan(req: pb.RerankRequest, config: Config) -> WindowPlan | None:
+    """How to cut long passages into windows, or None when the request truncates them (the default)."""
+    mode = req.long_documents
+    if req.max_windows_per_doc and mode != pb.LONG_DOCUMENTS_CHUNK:
+        raise InvalidRequest("max_windows_per_doc applies only with long_documents=LONG_DOCUMENTS_CHUNK")
+    if mode not in (pb.LONG_DOCUMENTS_CHUNK, pb.LONG_DOCUMENTS_TRUNCATE_LEFT):
         return None
-    if req.max_windows_per_doc > config.max_windows_per_doc:
+    asked, most = req.max_windows_per_doc, config.max_windows_per_doc
+    if asked > most:
         raise InvalidRequest(
-            f"max_windows_per_doc {req.max_windows_per_doc} (max_chunks_per_doc over REST) is above the server's "
-            f"limit of {config.max_windows_per_doc} windows per passage (--max-windows-per-doc)"
+            f"max_windows_per_doc {asked} (max_chunks_per_doc over REST) is above the server's "
+            f"limit of {most} windows per passage (--max-windows-per-doc)"
         )
-    # A request larger than the queue could never be queued.
-    return req.max_windows_per_doc or config.max_windows_per_doc, min(
-        config.max_windows_per_request, config.max_queue_pairs
-    )
-
-
-def _split(
-    engine: Engine, req: pb.RerankRequest, pairs: list[tuple[str, str]], limits: tuple[int, int], config: Config
-) -> Windows:
-    per_doc, per_request = limits
-    doc_limit = (
-        f"max_windows_per_doc {per_doc}, max_chunks_per_doc over REST"
-        if req.max_windows_per_doc
-        else f"--max-windows-per-doc {per_doc}"
-    )
-    request_limit = (
-        f"--max-windows-per-request {per_request}"
-        if per_request == config.max_windows_per_request
-        else f"--max-queue-pairs {per_request}"
-    )
-    return split_passages(
-        Splitter(engine.flag, req.max_length or engine.max_length),
-        pairs,
-        keep_end_only=req.long_documents == pb.LONG_DOCUMENTS_TRUNCATE_LEFT,
-        per_doc=per_doc,
+    per_doc = Limit(asked, f"max_windows_per_doc {asked}, max_chunks_per_doc over REST") if asked else None
+    per_request = Limit(config.max_windows_per_request, f"--max-windows-per-request {config.max_windows_per_request}")
+    if config.max_queue_pairs < per_request.count:  # a request larger than the queue could never be queued
+        per_request = Limit(config.max_queue_pairs, f"--max-queue-pairs {config.max_queue_pairs}")
+    return WindowPlan(
+        keep_end_only=mode == pb.LONG_DOCUMENTS_TRUNCATE_LEFT,
+        per_doc=per_doc or Limit(most, f"--max-windows-per-doc {most}"),
         per_request=per_request,
-        name=(lambda i: f"pairs[{i}].passage") if req.pairs else (lambda i: f"candidates[{i}]"),
-        limit_names=(doc_limit, request_limit),
+        name="pairs[{}].passage" if req.pairs else "candidates[{}]",
     )
 
 
@@ -159,12 +142,13 @@ class RerankerService(pb_grpc.RerankerServicer):
 
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         pairs, documents = request_pairs(req, self.config)
-        limits = window_limits(req, self.config)
+        plan = window_plan(req, self.config)
         scoring = self._ready()
         loop = asyncio.get_running_loop()
         windows = None
-        if limits is not None:
-            split = functools.partial(_split, scoring.engine, req, pairs, limits, self.config)
+        if plan is not None:  # cut on the tokenizing thread; the windows' count is known only after
+            splitter = Splitter(scoring.engine.flag, req.max_length or scoring.engine.max_length)
+            split = functools.partial(split_passages, splitter, pairs, plan)
             windows = await loop.run_in_executor(scoring.tokenize_pool, split)
             pairs = windows.pairs
         encode = functools.partial(scoring.engine.encode, pairs, req.max_length or None)
