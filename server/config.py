@@ -207,7 +207,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--rest-port",
         type=int,
         default=d["rest_port"],
-        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+        help="also serve the REST bridge (legacy, TEI, Infinity, Cohere routes) on this port; 0 = off (%(default)s)",
     )
     p.add_argument(
         "--rest-deadline-s",
