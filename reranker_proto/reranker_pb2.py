@@ -24,29 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\xb3\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"N\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\"\x81\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t2\xa2\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\x84\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x32\n\x0elong_documents\x18\t \x01(\x0e\x32\x1a.reranker.v1.LongDocuments\x12\x1b\n\x13max_windows_per_doc\x18\n \x01(\r\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"_\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x0f\n\x07windows\x18\x05 \x01(\r\"\x81\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t*\x88\x01\n\rLongDocuments\x12\x1e\n\x1aLONG_DOCUMENTS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x01\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x02\x12 \n\x1cLONG_DOCUMENTS_TRUNCATE_LEFT\x10\x03\x32\xa2\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reranker_proto.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LONGDOCUMENTS']._serialized_start=975
+  _globals['_LONGDOCUMENTS']._serialized_end=1111
   _globals['_PAIR']._serialized_start=46
   _globals['_PAIR']._serialized_end=84
   _globals['_RERANKREQUEST']._serialized_start=87
-  _globals['_RERANKREQUEST']._serialized_end=266
-  _globals['_RANKEDCANDIDATE']._serialized_start=268
-  _globals['_RANKEDCANDIDATE']._serialized_end=333
-  _globals['_USAGE']._serialized_start=335
-  _globals['_USAGE']._serialized_end=413
-  _globals['_RERANKRESPONSE']._serialized_start=416
-  _globals['_RERANKRESPONSE']._serialized_end=545
-  _globals['_GETMODELINFOREQUEST']._serialized_start=547
-  _globals['_GETMODELINFOREQUEST']._serialized_end=583
-  _globals['_REQUESTLIMITS']._serialized_start=585
-  _globals['_REQUESTLIMITS']._serialized_end=668
-  _globals['_GETMODELINFORESPONSE']._serialized_start=671
-  _globals['_GETMODELINFORESPONSE']._serialized_end=874
-  _globals['_RERANKER']._serialized_start=877
-  _globals['_RERANKER']._serialized_end=1039
+  _globals['_RERANKREQUEST']._serialized_end=347
+  _globals['_RANKEDCANDIDATE']._serialized_start=349
+  _globals['_RANKEDCANDIDATE']._serialized_end=414
+  _globals['_USAGE']._serialized_start=416
+  _globals['_USAGE']._serialized_end=511
+  _globals['_RERANKRESPONSE']._serialized_start=514
+  _globals['_RERANKRESPONSE']._serialized_end=643
+  _globals['_GETMODELINFOREQUEST']._serialized_start=645
+  _globals['_GETMODELINFOREQUEST']._serialized_end=681
+  _globals['_REQUESTLIMITS']._serialized_start=683
+  _globals['_REQUESTLIMITS']._serialized_end=766
+  _globals['_GETMODELINFORESPONSE']._serialized_start=769
+  _globals['_GETMODELINFORESPONSE']._serialized_end=972
+  _globals['_RERANKER']._serialized_start=1114
+  _globals['_RERANKER']._serialized_end=1276
 # @@protoc_insertion_point(module_scope)

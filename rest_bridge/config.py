@@ -41,7 +41,7 @@ HELP = {
     "grpc_target": "host:port of the gRPC reranking server",
     "host": "address to bind",
     "port": "HTTP port; 0 picks a free one",
-    "deadline_s": "gRPC deadline of each request, in seconds",
+    "deadline_s": "gRPC deadline of each request, in seconds; then 504 (python -m server: --rest-deadline-s)",
     "max_body_bytes": "largest request body; larger ones get 413",
     "max_pairs": "most pairs in legacy text_pairs",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
@@ -53,7 +53,7 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
         prog="python -m rest_bridge",
-        description="REST bridge to the gRPC reranking service (legacy endpoints, /v1/rerank, /docs).",
+        description="REST bridge to the gRPC reranking service (legacy, TEI, Infinity and Cohere endpoints, /docs).",
     )
     for f in fields(BridgeConfig):
         kind = type(f.default)

@@ -23,7 +23,11 @@ async def _start_bridge(config: Config, grpc_port: int) -> web.AppRunner:
     from rest_bridge import BridgeConfig, start_bridge
 
     bridge_config = BridgeConfig(
-        grpc_target=f"127.0.0.1:{grpc_port}", host=config.host, port=config.rest_port, log_level=config.log_level
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        host=config.host,
+        port=config.rest_port,
+        deadline_s=config.rest_deadline_s,  # RERANKER_REST_DEADLINE_S, as the standalone bridge's --deadline-s
+        log_level=config.log_level,
     )
     runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
     return runner

@@ -66,6 +66,9 @@ class Config:
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
     watch_models: float = 0.0  # poll the model directories every N seconds and reload changed ones; 0 = off
+    max_windows_per_doc: int = 64  # long_documents=CHUNK: windows one passage may be cut into
+    max_windows_per_request: int = 4096  # long_documents=CHUNK: windows (pairs scored) in one request
+    rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
 
     def __post_init__(self) -> None:
         parse_models(self.model)
@@ -84,7 +87,15 @@ class Config:
         self._check_security()
         if not 0 <= self.rest_port <= 65535:
             raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
-        for name in ("max_length", "max_candidates", "max_text_chars"):
+        positive = (
+            "max_length",
+            "max_candidates",
+            "max_text_chars",
+            "max_windows_per_doc",
+            "max_windows_per_request",
+            "rest_deadline_s",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("batch_size", "max_batch_tokens", "tokenize_threads", "threads"):
@@ -266,7 +277,25 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--rest-port",
         type=int,
         default=d["rest_port"],
-        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+        help="also serve the REST bridge (legacy, TEI, Infinity, Cohere routes) on this port; 0 = off (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-deadline-s",
+        type=float,
+        default=d["rest_deadline_s"],
+        help="gRPC deadline of each REST bridge request, in seconds; then HTTP 504 (%(default)s)",
+    )
+    p.add_argument(
+        "--max-windows-per-doc",
+        type=int,
+        default=d["max_windows_per_doc"],
+        help="long_documents=CHUNK: most windows one passage is cut into (%(default)s)",
+    )
+    p.add_argument(
+        "--max-windows-per-request",
+        type=int,
+        default=d["max_windows_per_request"],
+        help="long_documents=CHUNK: most windows scored for one request (%(default)s)",
     )
     return p
 
