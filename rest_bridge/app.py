@@ -60,6 +60,8 @@ def create_app(config: BridgeConfig) -> web.Application:
     app.router.add_post("/v1/rerank", handlers.v1_rerank)
     app.router.add_post("/v2/rerank", handlers.v2_rerank)
     app.router.add_get("/info", handlers.info)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/models", handlers.models)  # Infinity's path
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/", root)
     app.router.add_get("/docs", docs)

@@ -17,6 +17,8 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
     max_pairs: int = 1000  # pairs in legacy 1's text_pairs (the server applies its own limit too)
     log_level: str = "INFO"
+    legacy1_model: str = ""  # the model legacy 1's route asks for; "" = the server's default
+    legacy2_model: str = ""  # the model legacy 2's routes ask for; "" = the server's default
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -35,6 +37,8 @@ ENV_NAMES = {
     "max_body_bytes": "RERANKER_REST_MAX_BODY_BYTES",
     "max_pairs": "RERANKER_REST_MAX_PAIRS",
     "log_level": "RERANKER_LOG_LEVEL",
+    "legacy1_model": "RERANKER_LEGACY1_MODEL",
+    "legacy2_model": "RERANKER_LEGACY2_MODEL",
 }
 
 HELP = {
@@ -45,6 +49,8 @@ HELP = {
     "max_body_bytes": "largest request body; larger ones get 413",
     "max_pairs": "most pairs in legacy text_pairs",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
+    "legacy1_model": "model that scores POST /bge-reranker-base/post; empty = the server's default",
+    "legacy2_model": "model that scores legacy 2's POST /rerank {query, compare_to}; empty = the server's default",
 }
 
 

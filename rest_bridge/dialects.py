@@ -41,6 +41,8 @@ class Dialect(Generic[R]):
     model: type[R]
     request: Callable[[R], pb.RerankRequest]
     answer: Callable[[R, pb.RerankResponse, str], Any]  # (parsed request, gRPC response, request id) -> JSON
+    asked_model: Callable[[R], str] = lambda req: ""  # the model the body names; "" = none
+    pinned_model: str = ""  # or: the BridgeConfig field that chooses the model for every call of this dialect
 
 
 def _top_n(top_n: int | None, count: int) -> int:
@@ -68,7 +70,7 @@ def _legacy_answer(req: LegacyRerankRequest, resp: pb.RerankResponse, request_id
     return {"object": "list", "data": list(resp.scores)}
 
 
-LEGACY_2 = Dialect("legacy 2", LegacyRerankRequest, _legacy_request, _legacy_answer)
+LEGACY_2 = Dialect("legacy 2", LegacyRerankRequest, _legacy_request, _legacy_answer, pinned_model="legacy2_model")
 
 
 # ---------------------------------------------------------------- TEI: {query, texts}
@@ -120,7 +122,11 @@ def _infinity_answer(req: InfinityRerankRequest, resp: pb.RerankResponse, reques
     }
 
 
-INFINITY = Dialect("Infinity", InfinityRerankRequest, _infinity_request, _infinity_answer)
+def _infinity_model(req: InfinityRerankRequest) -> str:
+    return "" if req.model == "default/not-specified" else req.model  # Infinity's placeholder: none named
+
+
+INFINITY = Dialect("Infinity", InfinityRerankRequest, _infinity_request, _infinity_answer, _infinity_model)
 
 RERANK_DIALECTS = {"compare_to": LEGACY_2, "texts": TEI, "documents": INFINITY}
 
@@ -165,7 +171,7 @@ def _v1_answer(req: CohereV1RerankRequest, resp: pb.RerankResponse, request_id: 
     return {"id": request_id, "results": results, "meta": _meta(resp, "1"), "model": resp.model, "usage": _usage(resp)}
 
 
-COHERE_V1 = Dialect("Cohere v1", CohereV1RerankRequest, _v1_request, _v1_answer)
+COHERE_V1 = Dialect("Cohere v1", CohereV1RerankRequest, _v1_request, _v1_answer, lambda req: req.model or "")
 
 
 # ---------------------------------------------------------------- Cohere v2: /v2/rerank
@@ -187,4 +193,4 @@ def _v2_answer(req: CohereV2RerankRequest, resp: pb.RerankResponse, request_id: 
     return {"id": request_id, "results": results, "meta": _meta(resp, "2")}
 
 
-COHERE_V2 = Dialect("Cohere v2", CohereV2RerankRequest, _v2_request, _v2_answer)
+COHERE_V2 = Dialect("Cohere v2", CohereV2RerankRequest, _v2_request, _v2_answer, lambda req: req.model or "")

@@ -16,9 +16,10 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge.config import BridgeConfig
 from rest_bridge.dialects import COHERE_V1, COHERE_V2, Dialect, rerank_dialect
 from rest_bridge.errors import TEXT_PAIRS_KEY, BadRequest
-from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, TeiInfo, kind, parse
+from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
+MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
 FORWARDED_HEADERS = ("authorization", "x-request-id")  # become gRPC metadata of the same name
 
 
@@ -38,6 +39,34 @@ class Upstream:
         self.channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
         self.reranker = pb_grpc.RerankerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._models: tuple[float, list[str]] = (0.0, [])  # (when read, the server's loaded models)
+
+    async def models(self, metadata: list[tuple[str, str]], fresh: bool = False) -> list[str]:
+        """The server's loaded models (the first is its default), read at most every MODELS_TTL_S."""
+        read_at, names = self._models
+        if fresh or not names or time.monotonic() - read_at > MODELS_TTL_S:
+            info = await self.reranker.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=min(5.0, self.config.deadline_s), metadata=metadata
+            )
+            names = list(info.models) or [info.model]
+            self._models = (time.monotonic(), names)
+        return names
+
+    async def route(self, name: str, metadata: list[tuple[str, str]]) -> str:
+        """The gRPC `model` for a REST caller's model name.
+
+        One model loaded: any name is accepted and scored by it (as TEI does, so Cohere-style callers naming
+        their cloud model keep working). Several: a loaded name, else 404 listing them.
+        """
+        if not name:
+            return ""
+        for fresh in (False, True):  # a name we do not know yet may have been loaded since we last looked
+            models = await self.models(metadata, fresh)
+            if len(models) <= 1:
+                return ""
+            if name in models:
+                return name
+        raise BadRequest(f"model {name!r} is not served here; loaded models: {', '.join(models)}", status=404)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -61,9 +90,11 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
     return metadata
 
 
-async def _rerank(request: web.Request, req: pb.RerankRequest) -> pb.RerankResponse:
+async def _rerank(request: web.Request, req: pb.RerankRequest, model: str) -> pb.RerankResponse:
     up = _upstream(request)
-    return await up.reranker.Rerank(req, timeout=up.config.deadline_s, metadata=_metadata(request))
+    metadata = _metadata(request)
+    req.model = await up.route(model, metadata)
+    return await up.reranker.Rerank(req, timeout=up.config.deadline_s, metadata=metadata)
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:
@@ -92,7 +123,9 @@ def _request_id(request: web.Request) -> str:
 
 async def _serve(request: web.Request, dialect: Dialect[Any], body: dict[str, Any]) -> web.Response:
     parsed = parse(dialect.model, body)
-    resp = await _rerank(request, dialect.request(parsed))
+    config = _upstream(request).config
+    model = getattr(config, dialect.pinned_model) if dialect.pinned_model else dialect.asked_model(parsed)
+    resp = await _rerank(request, dialect.request(parsed), model)
     return web.json_response(dialect.answer(parsed, resp, _request_id(request)))
 
 
@@ -106,7 +139,8 @@ async def legacy_post(request: web.Request) -> web.Response:
     request[TEXT_PAIRS_KEY] = body.get("text_pairs")
     config = _upstream(request).config
     pairs = parse(LegacyPostRequest, body, max_pairs=config.max_pairs, max_chars=config.max_body_bytes).text_pairs
-    resp = await _rerank(request, pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs]))
+    req = pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs])
+    resp = await _rerank(request, req, config.legacy1_model)
     answer: LegacyPostResponse = {
         "text_pairs": pairs,
         "rerank_scores": list(resp.scores),
@@ -152,6 +186,20 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": exc.code().name, "error": exc.details()}, status=503)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     return web.json_response({"status": status}, status=200 if status == "SERVING" else 503)
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models (and Infinity's /models): the loaded models, in the OpenAI list shape."""
+    names = await _upstream(request).models(_metadata(request), fresh=True)
+    now = int(time.time())
+    answer: ModelList = {
+        "object": "list",
+        "data": [
+            {"id": n, "object": "model", "owned_by": "reranker", "created": now, "capabilities": ["rerank"]}
+            for n in names
+        ],
+    }
+    return web.json_response(answer)
 
 
 async def info(request: web.Request) -> web.Response:

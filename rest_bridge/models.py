@@ -161,6 +161,21 @@ class Health(TypedDict):
     error: NotRequired[str]
 
 
+class ModelCard(TypedDict):
+    id: Annotated[str, Field(description="The name to send as `model`.", examples=["bge-reranker-base"])]
+    object: Literal["model"]
+    owned_by: str
+    created: int
+    capabilities: list[str]
+
+
+class ModelList(TypedDict):
+    """GET /v1/models: the loaded models, the server's default first (OpenAI's and Infinity's list shape)."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
 class TeiModelType(TypedDict):
     reranker: dict[str, Any]
 

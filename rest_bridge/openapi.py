@@ -25,6 +25,7 @@ SCHEMAS: dict[str, Any] = {
     "CohereV2RerankRequest": m.CohereV2RerankRequest,
     "CohereV2RerankResponse": m.CohereV2RerankResponse,
     "TeiInfo": m.TeiInfo,
+    "ModelList": m.ModelList,
     "Health": m.Health,
     "Error": m.Error,
     "CohereError": m.CohereError,
@@ -81,6 +82,7 @@ ERRORS = {
     "401": "The gRPC server wants an API key (UNAUTHENTICATED).",
     "403": "The API key was refused (PERMISSION_DENIED).",
     "413": "The body is larger than --max-body-bytes.",
+    "404": "The body names a model the server does not serve (several loaded); the message lists them.",
     "429": "The server's queue is full (RESOURCE_EXHAUSTED): back off and retry.",
     "502": "Any other gRPC failure.",
     "503": "The gRPC server cannot be reached or is not ready (UNAVAILABLE).",
@@ -128,6 +130,13 @@ RERANK = _post(
     "Error",
 )
 
+MODELS = _get(
+    "The loaded models (OpenAI/Infinity list shape); the first is the server's default",
+    "ModelList",
+    "From the gRPC GetModelInfo.",
+    **{status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")},
+)
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -171,6 +180,8 @@ OPENAPI: dict[str, Any] = {
             "CohereV2RerankResponse",
             "CohereError",
         ),
+        "/v1/models": MODELS,
+        "/models": MODELS,
         "/info": _get(
             "The served model and limits, in TEI's shape",
             "TeiInfo",

@@ -28,6 +28,8 @@ async def _start_bridge(config: Config, grpc_port: int) -> web.AppRunner:
         port=config.rest_port,
         deadline_s=config.rest_deadline_s,  # RERANKER_REST_DEADLINE_S, as the standalone bridge's --deadline-s
         log_level=config.log_level,
+        legacy1_model=config.legacy1_model,
+        legacy2_model=config.legacy2_model,
     )
     runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
     return runner

@@ -68,10 +68,15 @@ class Config:
     watch_models: float = 0.0  # poll the model directories every N seconds and reload changed ones; 0 = off
     max_windows_per_doc: int = 64  # long_documents=CHUNK: windows one passage may be cut into
     max_windows_per_request: int = 4096  # long_documents=CHUNK: windows (pairs scored) in one request
+    legacy1_model: str = ""  # the in-process bridge: model of legacy 1's route ("" = the default model)
+    legacy2_model: str = ""  # the in-process bridge: model of legacy 2's routes ("" = the default model)
     rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
 
     def __post_init__(self) -> None:
-        parse_models(self.model)
+        names = [n for n, _ in parse_models(self.model)]
+        for route in ("legacy1_model", "legacy2_model"):
+            if getattr(self, route) and getattr(self, route) not in names:
+                raise ConfigError(f"{route} {getattr(self, route)!r} is not one of the served models {names}")
         if self.watch_models < 0:
             raise ConfigError(f"watch_models must be 0 (off) or a number of seconds, got {self.watch_models}")
         if not 0 <= self.port <= 65535:
@@ -205,6 +210,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "part); repeat for several, the first is the default; RERANKER_MODELS takes a comma-separated list "
         f"(default: {d['model']})",
     )
+    for n in (1, 2):
+        p.add_argument(
+            f"--legacy{n}-model",
+            default=d[f"legacy{n}_model"],
+            help=f"with --rest-port: the model that legacy {n}'s routes use (default: the default model)",
+        )
     p.add_argument(
         "--watch-models",
         type=float,

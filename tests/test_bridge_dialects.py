@@ -143,7 +143,7 @@ async def test_v2_rerank_and_cohere_error_shape(bridge: TestClient, flag_reranke
 
 async def test_info_in_tei_shape(bridge: TestClient, server: RerankServer) -> None:
     got = await (await bridge.get("/info")).json()
-    assert got["model_id"] == server.config.model and got["max_input_length"] == server.config.max_length
+    assert got["model_id"] == server.config.default_model and got["max_input_length"] == server.config.max_length
     assert got["max_client_batch_size"] == server.config.max_candidates and got["model_dtype"] == "float32"
     assert "reranker" in got["model_type"] and got["version"]
 
