@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -36,6 +35,8 @@ class Engine(Protocol):
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
 
+    def thread_tokenizer(self) -> Any: ...
+
 
 TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
 
@@ -51,10 +52,12 @@ class Scoring:
 
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
-        splitter = Splitter(self.engine.flag, max_length)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.tokenize_pool, functools.partial(split_passages, splitter, pairs, plan)
-        )
+
+        def split() -> Any:  # on a tokenizing thread, with that thread's own tokenizer
+            splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
+            return split_passages(splitter, pairs, plan)
+
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, split)
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
         """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
