@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,8 @@ class Config:
     tls_cert: str = ""  # PEM files; both empty = plaintext
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
+    model_type: str = "auto"  # auto: from config.json; cross-encoder, llm (FlagLLMReranker), layerwise
+    cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -73,6 +76,10 @@ class Config:
             )
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.cutoff_layer < 0:
+            raise ConfigError(f"cutoff_layer must be 0 (the model's last layer) or positive, got {self.cutoff_layer}")
 
     def _check_security(self) -> None:
         key = self.api_key
@@ -215,6 +222,19 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=int,
         default=d["rest_port"],
         help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port; 0 = off (%(default)s)",
+    )
+    p.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default=d["model_type"],
+        help="auto reads config.json: cross-encoder (*ForSequenceClassification), llm (decoder-only *ForCausalLM, "
+        "FlagLLMReranker), layerwise (MiniCPM layer-wise, LayerWiseFlagLLMReranker) (%(default)s)",
+    )
+    p.add_argument(
+        "--cutoff-layer",
+        type=int,
+        default=d["cutoff_layer"],
+        help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
     )
     return p
 
