@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -129,7 +130,9 @@ def load_flag_reranker(path: str, kind: str, **kwargs: Any) -> FlagLLMReranker |
     """FlagEmbedding's class for `kind` ("llm" or "layerwise"), loaded so that it scores correctly here."""
     if kind == "llm":
         return FlagLLMReranker(path, **kwargs)
-    with layerwise_compat():
+    with layerwise_compat(), warnings.catch_warnings():
+        # "use_fp16 is set to True": the class's own choice, made again (and logged) by LLMRerankerModel
+        warnings.filterwarnings("ignore", message="Due to model constraints", category=UserWarning)
         flag = LayerWiseFlagLLMReranker(path, **kwargs)
     if not isinstance(flag.model, LayerWiseMiniCPMForCausalLM):  # the class falls back to AutoModelForCausalLM
         raise ModelLoadError(f"{path} did not load as FlagEmbedding's LayerWiseMiniCPMForCausalLM")
