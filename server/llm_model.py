@@ -10,10 +10,12 @@ rotary embeddings moves its scores by float rounding, about 1e-6 relative on rea
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -198,6 +200,7 @@ class LLMRerankerModel:
         # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
         self._bos = [bos] if kind == "layerwise" or (bos is not None and bos != pad) else []
         self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
+        self._local = threading.local()
         if kind == "llm":
             self._yes = self.flag.yes_loc
             takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -243,17 +246,25 @@ class LLMRerankerModel:
         max_length = max_length or self.max_length
         query_max = self.flag.query_max_length or max_length * 3 // 4
         detailed = self.flag.get_detailed_inputs([list(p) for p in pairs])  # "A: " / "B: " instructions
-        tok = self.tokenizer
+        tok = self._thread_tokenizer()
         unique = list(dict.fromkeys(q for q, _ in detailed))  # candidates of one query share it
         q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
         by_query = dict(zip(unique, q_ids, strict=True))
         d_ids = tok([d for _, d in detailed], add_special_tokens=False, max_length=max_length, truncation=True)
         limit = max_length + len(self._sep) + len(self._prompt)
-        return [self._join(by_query[q], d, limit) for (q, _), d in zip(detailed, d_ids["input_ids"], strict=True)]
+        return [self._join(tok, by_query[q], d, limit) for (q, _), d in zip(detailed, d_ids["input_ids"], strict=True)]
 
-    def _join(self, query: list[int], passage: list[int], limit: int) -> Prompted:
+    def _thread_tokenizer(self) -> Any:
+        """This thread's copy of the tokenizer: each call sets the truncation of its Rust tokenizer, so threads
+        sharing one cut each other's texts (or fail: "Second sequence not provided")."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
+
+    def _join(self, tok: Any, query: list[int], passage: list[int], limit: int) -> Prompted:
         item = prepare_for_model_compat(
-            self.tokenizer,
+            tok,
             self._bos + query,
             self._sep + passage,
             truncation="only_second",

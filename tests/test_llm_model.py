@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def test_batches_mixing_requests_score_as_each_pair_alone(llm: Loaded) -> None:
             batch = items[start : start + 5]
             scores = llm.engine.launch([e for _, _, e in batch])()
             assert scores == pytest.approx([alone[r, k] for r, k, _ in batch], abs=TOL)
+
+
+def test_concurrent_encodes_give_each_its_own_truncation(llm: Loaded) -> None:
+    # The tokenize pool encodes requests in parallel; a call sets truncation on the tokenizer it uses.
+    jobs = [(PAIRS[i::5], max_length) for i in range(5) for max_length in (16, 40, None)]
+    expected = [[e.input_ids for e in llm.engine.encode(p, m)] for p, m in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: [e.input_ids for e in llm.engine.encode(*jobs[k % len(jobs)])], range(150)))
+    assert all(g == expected[k % len(jobs)] for k, g in enumerate(got))
 
 
 def test_cutoff_layer_scores_equal_compute_score(layerwise_dir: Path) -> None:
