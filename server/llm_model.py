@@ -3,8 +3,8 @@
 The score of a pair is the model's "Yes" logit after the prompt (FlagLLMReranker), or the layer-wise head's output at
 the cutoff layer (LayerWiseFlagLLMReranker), at the last token. Pairs are tokenized exactly as the class's
 `compute_score_single_gpu` does; a batch is padded on the left with position ids counted from the attention mask, so
-each pair sits at positions 0..n-1 whatever its batch-mates (compute_score's own left padding shifts them, which under
-rotary embeddings moves its scores by float rounding, about 1e-6 relative on real weights).
+each pair sits at positions 0..n-1 whatever its batch-mates. compute_score's own left padding shifts them, which under
+rotary embeddings moves its scores by float rounding only (up to 1e-4 on a tiny model with wide random weights).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ DEFAULT_PROMPT = (
     "a prediction of either 'Yes' or 'No'."
 )
 PAD_MULTIPLE = 8  # the Collater's pad_to_multiple_of
+_COMPAT_LOCK = threading.Lock()  # layerwise_compat patches classes: one load at a time
 
 
 def model_kind(path: str, override: str = "auto") -> str:
@@ -86,6 +87,11 @@ def layerwise_compat() -> Iterator[None]:
     reads as scaled and `_init_rope` fails on the missing "type" key; and it expects `_tied_weights_keys` to be a
     dict (the model's is a list; its per-layer heads are never tied to the embeddings anyway).
     """
+    with _COMPAT_LOCK:
+        yield from _patched_minicpm()
+
+
+def _patched_minicpm() -> Iterator[None]:
     saved_rope = LayerWiseMiniCPMConfig.__dict__.get("rope_scaling")
     saved_tied = LayerWiseMiniCPMForCausalLM.__dict__.get("_tied_weights_keys")
     base = LayerWiseMiniCPMConfig.rope_scaling
@@ -166,7 +172,7 @@ class Prompted:
 class LLMRerankerModel:
     """A FlagEmbedding decoder-only reranker on one device; scores equal the class's compute_score."""
 
-    # The budgets depend only on the device, dtype and the model's config shape, as for the cross-encoder.
+    # The cross-encoder's: they use only encode/launch, the device, the dtype and the model config's shape.
     batching = RerankerModel.batching
     _cuda_budget = RerankerModel._cuda_budget
     forward = RerankerModel.forward
@@ -194,7 +200,8 @@ class LLMRerankerModel:
         self.model.to(self.device)
         self.model.eval()
         tok = self.tokenizer
-        self._prompt = tok(self.flag.prompt or DEFAULT_PROMPT, add_special_tokens=False)["input_ids"]
+        prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
+        self._prompt = tok(prompt, add_special_tokens=False)["input_ids"]
         self._sep = tok("\n", add_special_tokens=False)["input_ids"]
         bos, pad = tok.bos_token_id, tok.pad_token_id
         # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
