@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,8 @@ class Config:
     legacy1_model: str = ""  # the in-process bridge: model of legacy 1's route ("" = the default model)
     legacy2_model: str = ""  # the in-process bridge: model of legacy 2's routes ("" = the default model)
     rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
+    model_type: str = "auto"  # auto: from config.json; cross-encoder, llm (FlagLLMReranker), layerwise
+    cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
 
     def __post_init__(self) -> None:
         names = [n for n, _ in parse_models(self.model)]
@@ -117,6 +120,10 @@ class Config:
             )
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.cutoff_layer < 0:
+            raise ConfigError(f"cutoff_layer must be 0 (the model's last layer) or positive, got {self.cutoff_layer}")
 
     def _check_security(self) -> None:
         key = self.api_key
@@ -307,6 +314,19 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=int,
         default=d["max_windows_per_request"],
         help="long_documents=CHUNK: most windows scored for one request (%(default)s)",
+    )
+    p.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default=d["model_type"],
+        help="auto reads config.json: cross-encoder (*ForSequenceClassification), llm (decoder-only *ForCausalLM, "
+        "FlagLLMReranker), layerwise (MiniCPM layer-wise, LayerWiseFlagLLMReranker) (%(default)s)",
+    )
+    p.add_argument(
+        "--cutoff-layer",
+        type=int,
+        default=d["cutoff_layer"],
+        help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
     )
     return p
 

@@ -154,17 +154,51 @@ def revision(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_is_cross_encoder(path: str) -> None:
+def read_model_config(path: str) -> dict[str, Any] | None:
+    """The config.json of a local model directory; None for a hub id."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        return  # a hub id: transformers reports what is wrong
+        return None
     with open(config_file, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+        return json.load(fh)
+
+
+def config_kind(cfg: dict[str, Any]) -> str | None:
+    """cross-encoder, llm or layerwise from a config.json's architectures; None when it is none of these."""
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or cfg.get("num_labels", 1) != 1:
+    labels = cfg.get("num_labels") or len(cfg.get("id2label") or {0: ""})
+    if any("LayerWise" in a for a in archs):  # BAAI/bge-reranker-v2-minicpm-layerwise
+        return "layerwise"
+    if any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1:
+        return "cross-encoder"
+    if any(a.endswith("ForCausalLM") and "CostWise" not in a for a in archs):  # not the "lightweight" Gemma 2
+        return "llm"
+    return None
+
+
+def not_a_reranker(path: str, cfg: dict[str, Any]) -> ModelLoadError:
+    archs = cfg.get("architectures") or []
+    lightweight = any("CostWise" in a for a in archs)
+    note = " (FlagEmbedding's lightweight reranker is not supported)" if lightweight else ""
+    return ModelLoadError(
+        f"{path} is not a reranker this server can serve (architectures={archs}){note}: expected a "
+        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, a decoder-only "
+        "*ForCausalLM one, such as BAAI/bge-reranker-v2-gemma, or LayerWiseMiniCPMForCausalLM "
+        "(BAAI/bge-reranker-v2-minicpm-layerwise); --model-type overrides the detection"
+    )
+
+
+def _check_is_cross_encoder(path: str) -> None:
+    cfg = read_model_config(path)
+    if cfg is None:
+        return  # a hub id: transformers reports what is wrong
+    kind = config_kind(cfg)
+    if kind is None:
+        raise not_a_reranker(path, cfg)
+    if kind != "cross-encoder":
         raise ModelLoadError(
-            f"{path} is not a cross-encoder reranker (architectures={archs}): expected a "
-            "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base"
+            f"{path} is a decoder-only reranker (architectures={cfg.get('architectures')}), not a cross-encoder: "
+            f"serve it with --model-type {kind} or auto"
         )
 
 
@@ -193,9 +227,14 @@ def _decodes_in_rust(tokenizer: object) -> bool:
     return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
 
 
-def load_engine(config: Config, model: str, name: str) -> RerankerModel:
-    """Load `model` (hub id or directory) under `name` with the class its kind needs."""
-    return RerankerModel(config, model, name)
+def load_engine(config: Config, model: str, name: str) -> Any:
+    """Load `model` (hub id or directory) under `name` with the class its kind needs (config.json, --model-type)."""
+    from server.llm_model import LLMRerankerModel, model_kind
+
+    kind = model_kind(resolve_model_path(model), config.model_type)
+    if kind == "cross-encoder":
+        return RerankerModel(config, model, name)
+    return LLMRerankerModel(config, resolve_model_path(model), kind, name)
 
 
 class RerankerModel:
@@ -217,7 +256,8 @@ class RerankerModel:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.path = path = resolve_model_path(model)
         self.revision = revision(path)
-        _check_is_cross_encoder(path)
+        if config.model_type != "cross-encoder":  # an explicit --model-type cross-encoder skips the detection
+            _check_is_cross_encoder(path)
         _quiet_progress_bars()
         try:
             # devices pinned to one: FlagReranker would otherwise start a multi-GPU process pool.
