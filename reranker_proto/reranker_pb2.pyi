@@ -1,10 +1,22 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class LongDocuments(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_DOCUMENTS_UNSPECIFIED: _ClassVar[LongDocuments]
+    LONG_DOCUMENTS_TRUNCATE: _ClassVar[LongDocuments]
+    LONG_DOCUMENTS_CHUNK: _ClassVar[LongDocuments]
+    LONG_DOCUMENTS_TRUNCATE_LEFT: _ClassVar[LongDocuments]
+LONG_DOCUMENTS_UNSPECIFIED: LongDocuments
+LONG_DOCUMENTS_TRUNCATE: LongDocuments
+LONG_DOCUMENTS_CHUNK: LongDocuments
+LONG_DOCUMENTS_TRUNCATE_LEFT: LongDocuments
 
 class Pair(_message.Message):
     __slots__ = ("query", "passage")
@@ -15,7 +27,7 @@ class Pair(_message.Message):
     def __init__(self, query: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "model", "request_id")
+    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "model", "long_documents", "max_windows_per_doc", "request_id")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +36,8 @@ class RerankRequest(_message.Message):
     RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    LONG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WINDOWS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
@@ -33,8 +47,10 @@ class RerankRequest(_message.Message):
     return_documents: bool
     max_length: int
     model: str
+    long_documents: LongDocuments
+    max_windows_per_doc: int
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., model: _Optional[str] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_windows_per_doc: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
     __slots__ = ("index", "score", "document")
@@ -47,16 +63,18 @@ class RankedCandidate(_message.Message):
     def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("pairs", "tokens", "queue_ms", "inference_ms")
+    __slots__ = ("pairs", "tokens", "queue_ms", "inference_ms", "windows")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     pairs: int
     tokens: int
     queue_ms: float
     inference_ms: float
-    def __init__(self, pairs: _Optional[int] = ..., tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+    windows: int
+    def __init__(self, pairs: _Optional[int] = ..., tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("scores", "results", "model", "usage", "request_id")

@@ -1,4 +1,4 @@
-"""REST bridge: the legacy JSON endpoints and a Cohere-style /v1/rerank, over the gRPC contract."""
+"""REST bridge over the gRPC contract: the legacy endpoints, TEI's and Infinity's /rerank, Cohere's /v1 and /v2."""
 
 from rest_bridge.app import create_app, start_bridge
 from rest_bridge.config import BridgeConfig

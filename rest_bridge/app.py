@@ -10,7 +10,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from rest_bridge import handlers
 from rest_bridge.config import BridgeConfig
-from rest_bridge.errors import MAX_BODY_KEY, error_middleware
+from rest_bridge.errors import CONFIG_KEY, error_middleware
 from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
 from rest_bridge.openapi import OPENAPI
 
@@ -48,7 +48,7 @@ def create_app(config: BridgeConfig) -> web.Application:
     """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
     middlewares = [error_middleware, body_middleware(config.body_timeout_s)]
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
-    app[MAX_BODY_KEY] = config.max_body_bytes
+    app[CONFIG_KEY] = config
 
     async def upstream(app: web.Application) -> AsyncIterator[None]:
         app[handlers.UPSTREAM_KEY] = handlers.Upstream(config)
@@ -57,9 +57,13 @@ def create_app(config: BridgeConfig) -> web.Application:
 
     app.cleanup_ctx.append(upstream)
     app.router.add_post("/bge-reranker-base/post", handlers.legacy_post, name="legacy_post")
-    app.router.add_post("/rerank", handlers.legacy_rerank)
-    app.router.add_post("/reank", handlers.legacy_rerank)  # the spelling legacy 2's README documents
+    app.router.add_post("/rerank", handlers.rerank)  # legacy 2, TEI and Infinity
+    app.router.add_post("/reank", handlers.rerank)  # the spelling legacy 2's README documents
     app.router.add_post("/v1/rerank", handlers.v1_rerank)
+    app.router.add_post("/v2/rerank", handlers.v2_rerank)
+    app.router.add_get("/info", handlers.info)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/models", handlers.models)  # Infinity's path
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/", root)
     app.router.add_get("/docs", docs)

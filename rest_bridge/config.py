@@ -17,6 +17,8 @@ class BridgeConfig:
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
     max_pairs: int = 1000  # pairs in legacy 1's text_pairs (the server applies its own limit too)
     log_level: str = "INFO"
+    legacy1_model: str = ""  # the model legacy 1's route asks for; "" = the server's default
+    legacy2_model: str = ""  # the model legacy 2's routes ask for; "" = the server's default
     # Slow and vanished clients (rest_bridge/guard.py).
     header_timeout_s: float = 10.0  # connect (or end of the last response) to complete request headers
     body_timeout_s: float = 30.0  # complete headers to the whole body
@@ -70,6 +72,8 @@ ENV_NAMES = {
     "max_body_bytes": "RERANKER_REST_MAX_BODY_BYTES",
     "max_pairs": "RERANKER_REST_MAX_PAIRS",
     "log_level": "RERANKER_LOG_LEVEL",
+    "legacy1_model": "RERANKER_LEGACY1_MODEL",
+    "legacy2_model": "RERANKER_LEGACY2_MODEL",
     "header_timeout_s": "RERANKER_REST_HEADER_TIMEOUT_S",
     "body_timeout_s": "RERANKER_REST_BODY_TIMEOUT_S",
     "max_connections": "RERANKER_REST_MAX_CONNECTIONS",
@@ -86,10 +90,12 @@ HELP = {
     "grpc_target": "host:port of the gRPC reranking server",
     "host": "address to bind",
     "port": "HTTP port; 0 picks a free one",
-    "deadline_s": "gRPC deadline of each request, in seconds",
+    "deadline_s": "gRPC deadline of each request, in seconds; then 504 (python -m server: --rest-deadline-s)",
     "max_body_bytes": "largest request body; larger ones get 413",
     "max_pairs": "most pairs in legacy text_pairs",
     "log_level": "DEBUG, INFO, WARNING, ERROR",
+    "legacy1_model": "model that scores POST /bge-reranker-base/post; empty = the server's default",
+    "legacy2_model": "model that scores legacy 2's POST /rerank {query, compare_to}; empty = the server's default",
     "header_timeout_s": "seconds from connecting (or the last response) to complete request headers",
     "body_timeout_s": "seconds to receive the whole request body once the headers are in; then 408",
     "max_connections": "open connections; past it new ones get 503 at once",
@@ -108,7 +114,7 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
         prog="python -m rest_bridge",
-        description="REST bridge to the gRPC reranking service (legacy endpoints, /v1/rerank, /docs).",
+        description="REST bridge to the gRPC reranking service (legacy, TEI, Infinity and Cohere endpoints, /docs).",
     )
     for f in fields(BridgeConfig):
         kind = type(f.default)

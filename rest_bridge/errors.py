@@ -9,11 +9,14 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from rest_bridge.config import BridgeConfig
+
 log = logging.getLogger(__name__)
 
 HTTP_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,  # a model this server does not serve
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
@@ -21,9 +24,13 @@ HTTP_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 UNAVAILABLE_MESSAGE = "the reranking server cannot be reached or is not ready; retry shortly"
+DEADLINE_SETTING = (
+    "RERANKER_REST_DEADLINE_S: --deadline-s of python -m rest_bridge, --rest-deadline-s of python -m server"
+)
 
 TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
-MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+CONFIG_KEY = web.AppKey("bridge_config", BridgeConfig)
+COHERE_PREFIXES = ("/v1/", "/v2/")  # Cohere's routes answer errors in Cohere's shape
 
 
 class BadRequest(ValueError):
@@ -34,7 +41,7 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def error_status(exc: BaseException, max_body_bytes: int) -> tuple[int, str]:
+def error_status(exc: BaseException, config: BridgeConfig) -> tuple[int, str]:
     """HTTP status and caller-facing message for `exc`; unexpected errors are logged, never shown."""
     if isinstance(exc, BadRequest):
         return exc.status, str(exc)
@@ -43,11 +50,16 @@ def error_status(exc: BaseException, max_body_bytes: int) -> tuple[int, str]:
         status = HTTP_BY_STATUS.get(code, 502)
         if code == grpc.StatusCode.UNAVAILABLE:
             return status, f"{UNAVAILABLE_MESSAGE} ({exc.details()})"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return status, (
+                f"{code.name}: {exc.details()}; the bridge waits at most {config.deadline_s:g} s for the gRPC "
+                f"server ({DEADLINE_SETTING})"
+            )
         if status == 502:
             log.warning("gRPC call failed: %s %s", code.name, exc.details())
         return status, f"{code.name}: {exc.details()}"
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return 413, f"request body is larger than the limit of {max_body_bytes} bytes"
+        return 413, f"request body is larger than the limit of {config.max_body_bytes} bytes"
     if isinstance(exc, web.HTTPMethodNotAllowed):
         return 405, f"method {exc.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}"
     if isinstance(exc, web.HTTPNotFound):
@@ -63,6 +75,8 @@ def error_body(request: web.Request, status: int, message: str) -> tuple[int, di
         # The legacy envelope; HTTP 200 for what the original answered with 200, the real status otherwise.
         body = {"text_pairs": request.get(TEXT_PAIRS_KEY), "rerank_scores": [], "code": -1, "error": message}
         return (200 if status == 400 else status), body
+    if request.path.startswith(COHERE_PREFIXES):
+        return status, {"message": message}
     return status, {"error": message, "status": status}
 
 
@@ -75,8 +89,8 @@ async def error_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects
-        status, message = error_status(exc, request.app[MAX_BODY_KEY])
+        status, message = error_status(exc, request.app[CONFIG_KEY])
     except Exception as exc:
-        status, message = error_status(exc, request.app[MAX_BODY_KEY])
+        status, message = error_status(exc, request.app[CONFIG_KEY])
     status, body = error_body(request, status, message)
     return web.json_response(body, status=status)

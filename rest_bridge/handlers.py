@@ -1,4 +1,4 @@
-"""Route handlers: small translations from JSON to the gRPC Rerank call and back."""
+"""Route handlers: read the body, validate it as its dialect, call gRPC, answer in the dialect's shape."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge.channel import open_channel
 from rest_bridge.config import BridgeConfig
+from rest_bridge.dialects import COHERE_V1, COHERE_V2, Dialect, rerank_dialect
 from rest_bridge.errors import TEXT_PAIRS_KEY, BadRequest
-from rest_bridge.literal import LiteralError, parse_text_pairs
+from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
+MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
 FORWARDED_HEADERS = ("authorization", "x-request-id")  # become gRPC metadata of the same name
 
 
@@ -38,6 +40,34 @@ class Upstream:
         self.channel = open_channel(config, options)  # plaintext, or TLS with --grpc-ca/--grpc-cert/--grpc-key
         self.reranker = pb_grpc.RerankerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._models: tuple[float, list[str]] = (0.0, [])  # (when read, the server's loaded models)
+
+    async def models(self, metadata: list[tuple[str, str]], fresh: bool = False) -> list[str]:
+        """The server's loaded models (the first is its default), read at most every MODELS_TTL_S."""
+        read_at, names = self._models
+        if fresh or not names or time.monotonic() - read_at > MODELS_TTL_S:
+            info = await self.reranker.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=min(5.0, self.config.deadline_s), metadata=metadata
+            )
+            names = list(info.models) or [info.model]
+            self._models = (time.monotonic(), names)
+        return names
+
+    async def route(self, name: str, metadata: list[tuple[str, str]]) -> str:
+        """The gRPC `model` for a REST caller's model name.
+
+        One model loaded: any name is accepted and scored by it (as TEI does, so Cohere-style callers naming
+        their cloud model keep working). Several: a loaded name, else 404 listing them.
+        """
+        if not name:
+            return ""
+        for fresh in (False, True):  # a name we do not know yet may have been loaded since we last looked
+            models = await self.models(metadata, fresh)
+            if len(models) <= 1:
+                return ""
+            if name in models:
+                return name
+        raise BadRequest(f"model {name!r} is not served here; loaded models: {', '.join(models)}", status=404)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -61,9 +91,11 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
     return metadata
 
 
-async def _rerank(request: web.Request, req: pb.RerankRequest) -> pb.RerankResponse:
+async def _rerank(request: web.Request, req: pb.RerankRequest, model: str) -> pb.RerankResponse:
     up = _upstream(request)
-    return await up.reranker.Rerank(req, timeout=up.config.deadline_s, metadata=_metadata(request))
+    metadata = _metadata(request)
+    req.model = await up.route(model, metadata)
+    return await up.reranker.Rerank(req, timeout=up.config.deadline_s, metadata=metadata)
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:
@@ -78,164 +110,65 @@ async def _read_object(request: web.Request) -> dict[str, Any]:
     except RecursionError:
         raise BadRequest("the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"the request body must be a JSON object, got {_kind(body)}")
+        raise BadRequest(f"the request body must be a JSON object, got {kind(body)}")
     return body
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string, got {_kind(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{name} is not valid Unicode (a lone surrogate escape)") from None
-    return value
-
-
-def _required(body: dict[str, Any], name: str) -> Any:
-    if name not in body or body[name] is None:
-        raise BadRequest(f'"{name}" is required')
-    return body[name]
-
-
-def _text_list(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list):
-        raise BadRequest(f"{name} must be a list of strings, got {_kind(value)}")
-    if not value:
-        raise BadRequest(f"{name} is empty; send at least one text")
-    return [_text(v, f"{name}[{i}]") for i, v in enumerate(value)]
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number"
-    )
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _request_id(request: web.Request) -> str:
+    return request.headers.get("x-request-id") or str(uuid.uuid4())
+
+
+async def _serve(request: web.Request, dialect: Dialect[Any], body: dict[str, Any]) -> web.Response:
+    parsed = parse(dialect.model, body)
+    config = _upstream(request).config
+    model = getattr(config, dialect.pinned_model) if dialect.pinned_model else dialect.asked_model(parsed)
+    resp = await _rerank(request, dialect.request(parsed), model)
+    return web.json_response(dialect.answer(parsed, resp, _request_id(request)))
+
+
 # ---------------------------------------------------------------- legacy 1: bge-reranker-base-api
-
-
-def _legacy_pairs(value: Any, config: BridgeConfig) -> list[list[str]]:
-    if isinstance(value, str):
-        try:
-            pairs = parse_text_pairs(value, max_chars=config.max_body_bytes, max_pairs=config.max_pairs)
-        except LiteralError as exc:
-            raise BadRequest(str(exc)) from None
-    elif isinstance(value, list):
-        if not value:
-            raise BadRequest("text_pairs is an empty list; send at least one [query, passage] pair")
-        if len(value) > config.max_pairs:
-            raise BadRequest(f"text_pairs has {len(value)} pairs; the limit is {config.max_pairs}")
-        for i, pair in enumerate(value):
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise BadRequest(f"text_pairs[{i}] must be a [query, passage] list of two strings")
-        pairs = value
-    else:
-        raise BadRequest(f"text_pairs must be a string like \"[['query', 'passage']]\" or a list, got {_kind(value)}")
-    for i, (q, p) in enumerate(pairs):
-        _text(q, f"text_pairs[{i}][0]")
-        _text(p, f"text_pairs[{i}][1]")
-    return pairs
 
 
 async def legacy_post(request: web.Request) -> web.Response:
     """POST /bge-reranker-base/post: raw logits in input order, in the legacy envelope."""
     request_time = _now()
     body = await _read_object(request)
-    raw = _required(body, "text_pairs")
-    request[TEXT_PAIRS_KEY] = raw
-    pairs = _legacy_pairs(raw, request.app[UPSTREAM_KEY].config)
-    resp = await _rerank(request, pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs]))
-    return web.json_response(
-        {
-            "text_pairs": pairs,
-            "rerank_scores": list(resp.scores),
-            "request_time": request_time,
-            "response_time": _now(),
-            "code": 200,
-        }
-    )
+    request[TEXT_PAIRS_KEY] = body.get("text_pairs")
+    config = _upstream(request).config
+    pairs = parse(LegacyPostRequest, body, max_pairs=config.max_pairs, max_chars=config.max_body_bytes).text_pairs
+    req = pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs])
+    resp = await _rerank(request, req, config.legacy1_model)
+    answer: LegacyPostResponse = {
+        "text_pairs": pairs,
+        "rerank_scores": list(resp.scores),
+        "request_time": request_time,
+        "response_time": _now(),
+        "code": 200,
+    }
+    return web.json_response(answer)
 
 
-# ---------------------------------------------------------------- legacy 2: fc3-bge-reranker-api
+# ---------------------------------------------------------------- POST /rerank: legacy 2, TEI, Infinity; Cohere
 
 
-async def legacy_rerank(request: web.Request) -> web.Response:
-    """POST /rerank (and /reank): sigmoid scores in input order."""
+async def rerank(request: web.Request) -> web.Response:
+    """POST /rerank (and legacy 2's /reank): legacy 2, TEI or Infinity, told apart by the body's keys."""
     body = await _read_object(request)
-    query = _text(_required(body, "query"), "query")
-    compare_to = _text_list(_required(body, "compare_to"), "compare_to")
-    resp = await _rerank(request, pb.RerankRequest(query=query, candidates=compare_to, normalize=True))
-    return web.json_response({"object": "list", "data": list(resp.scores)})
-
-
-# ---------------------------------------------------------------- Cohere / Jina: /v1/rerank
-
-
-def _documents(value: Any) -> list[str]:
-    if not isinstance(value, list):
-        raise BadRequest(f"documents must be a list of strings or {{'text': ...}} objects, got {_kind(value)}")
-    if not value:
-        raise BadRequest("documents is empty; send at least one document")
-    texts = []
-    for i, doc in enumerate(value):
-        if isinstance(doc, dict):
-            if "text" not in doc:
-                raise BadRequest(f'documents[{i}] is an object without "text"')
-            texts.append(_text(doc["text"], f"documents[{i}].text"))
-        else:
-            texts.append(_text(doc, f"documents[{i}]"))
-    return texts
-
-
-def _optional(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = {str: "a string", int: "an integer", bool: "true or false"}[kind]
-        raise BadRequest(f"{name} must be {expected}, got {_kind(value)}")
-    return value
+    return await _serve(request, rerank_dialect(body), body)
 
 
 async def v1_rerank(request: web.Request) -> web.Response:
-    """POST /v1/rerank: Cohere/Jina shape, best first, sigmoid scores unless raw_scores."""
-    body = await _read_object(request)
-    query = _text(_required(body, "query"), "query")
-    documents = _documents(_required(body, "documents"))
-    _optional(body, "model", str, "")  # one model per server: accepted and answered with the served one
-    top_n = _optional(body, "top_n", int, 0)
-    if top_n < 1 and "top_n" in body and body["top_n"] is not None:
-        raise BadRequest(f"top_n must be at least 1, got {top_n}")
-    return_documents = _optional(body, "return_documents", bool, False)
-    raw_scores = _optional(body, "raw_scores", bool, False)
-    req = pb.RerankRequest(
-        query=query,
-        candidates=documents,
-        normalize=not raw_scores,
-        top_n=top_n if top_n < len(documents) else 0,
-        return_documents=return_documents,
-    )
-    resp = await _rerank(request, req)
-    results = []
-    for r in resp.results:
-        item: dict[str, Any] = {"index": r.index, "relevance_score": r.score}
-        if return_documents:
-            item["document"] = {"text": r.document}
-        results.append(item)
-    tokens = resp.usage.tokens
-    return web.json_response(
-        {
-            "id": request.headers.get("x-request-id") or str(uuid.uuid4()),
-            "model": resp.model,
-            "results": results,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+    """POST /v1/rerank: Cohere v1 (and Jina)."""
+    return await _serve(request, COHERE_V1, await _read_object(request))
+
+
+async def v2_rerank(request: web.Request) -> web.Response:
+    """POST /v2/rerank: Cohere v2."""
+    return await _serve(request, COHERE_V2, await _read_object(request))
 
 
 # ---------------------------------------------------------------- operations
@@ -254,3 +187,42 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": exc.code().name, "error": exc.details()}, status=503)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     return web.json_response({"status": status}, status=200 if status == "SERVING" else 503)
+
+
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models (and Infinity's /models): the loaded models, in the OpenAI list shape."""
+    names = await _upstream(request).models(_metadata(request), fresh=True)
+    now = int(time.time())
+    answer: ModelList = {
+        "object": "list",
+        "data": [
+            {"id": n, "object": "model", "owned_by": "reranker", "created": now, "capabilities": ["rerank"]}
+            for n in names
+        ],
+    }
+    return web.json_response(answer)
+
+
+async def info(request: web.Request) -> web.Response:
+    """GET /info: the served model and limits, in TEI's shape."""
+    up = _upstream(request)
+    resp = await up.reranker.GetModelInfo(
+        pb.GetModelInfoRequest(), timeout=min(5.0, up.config.deadline_s), metadata=_metadata(request)
+    )
+    answer: TeiInfo = {
+        "model_id": resp.model,
+        "model_sha": None,
+        "model_dtype": resp.dtype,
+        "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
+        "max_concurrent_requests": 0,
+        "max_input_length": resp.max_length,
+        "max_batch_tokens": resp.batch_size * resp.max_length,
+        "max_batch_requests": None,
+        "max_client_batch_size": resp.limits.max_candidates,
+        "auto_truncate": False,
+        "tokenization_workers": 1,
+        "version": resp.version,
+        "sha": None,
+        "docker_label": None,
+    }
+    return web.json_response(answer)

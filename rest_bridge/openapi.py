@@ -1,76 +1,151 @@
-"""The OpenAPI 3 document served at /openapi.json (and shown by Swagger UI at /docs)."""
+"""The OpenAPI 3.0 document served at /openapi.json (and shown by Swagger UI at /docs).
+
+Every schema comes from the declarations in rest_bridge/models.py; this module only lays out the paths and
+turns pydantic's JSON Schema (2020-12) into OpenAPI 3.0's dialect, which the bundled Swagger UI 4 reads.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-# Mirrors the server's defaults (--max-candidates, --max-text-chars); a server may be set up differently.
-MAX_ITEMS = 1000
-MAX_TEXT = 20000
+from pydantic import TypeAdapter
+
+from rest_bridge import models as m
+
+_REF = "#/components/schemas/{model}"
+
+# Component name -> the declared type (TypedDicts and lists are schemas too, so TypeAdapter for all).
+SCHEMAS: dict[str, Any] = {
+    "LegacyPostRequest": m.LegacyPostRequest,
+    "LegacyPostResponse": m.LegacyPostResponse,
+    "RerankRequest": m.LegacyRerankRequest | m.TeiRerankRequest | m.InfinityRerankRequest,
+    "RerankResponse": m.LegacyRerankResponse | list[m.TeiRank] | m.InfinityRerankResponse,
+    "CohereV1RerankRequest": m.CohereV1RerankRequest,
+    "CohereV1RerankResponse": m.CohereV1RerankResponse,
+    "CohereV2RerankRequest": m.CohereV2RerankRequest,
+    "CohereV2RerankResponse": m.CohereV2RerankResponse,
+    "TeiInfo": m.TeiInfo,
+    "ModelList": m.ModelList,
+    "Health": m.Health,
+    "Error": m.Error,
+    "CohereError": m.CohereError,
+    "OpenApiDocument": dict[str, Any],
+}
+
+
+def _openapi30(node: Any) -> Any:
+    """JSON Schema 2020-12 as pydantic writes it -> the OpenAPI 3.0 schema dialect."""
+    if isinstance(node, list):
+        return [_openapi30(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _openapi30(v) for k, v in node.items()}
+    variants = node.get("anyOf")
+    if variants and {"type": "null"} in variants:  # Optional[X] -> X, nullable
+        rest = [v for v in variants if v != {"type": "null"}]
+        del node["anyOf"]
+        if len(rest) == 1 and "$ref" not in rest[0]:
+            node = {**rest[0], **node}
+        else:
+            node["anyOf" if len(rest) > 1 else "allOf"] = rest
+        node["nullable"] = True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "prefixItems" in node:  # fixed-length tuples: 3.0 knows only one schema for all items
+        items = node.pop("prefixItems")
+        node["items"] = items[0] if all(i == items[0] for i in items) else {"anyOf": items}
+    if isinstance(node.get("examples"), list) and node["examples"]:
+        node["example"] = node.pop("examples")[0]
+    return node
+
+
+def _components() -> dict[str, Any]:
+    inputs = [(name, "validation", TypeAdapter(t)) for name, t in SCHEMAS.items()]
+    tops, defs = TypeAdapter.json_schemas(inputs, ref_template=_REF)
+    schemas = dict(defs.get("$defs", {}))
+    for (name, _), schema in tops.items():
+        if schema.get("$ref") != _REF.format(model=name):
+            schemas[name] = schema
+    return {name: _openapi30(schema) for name, schema in sorted(schemas.items())}
 
 
 def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": _REF.format(model=name)}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
 
-
-TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": r"\S"}
-NUMBERS = {"type": "array", "items": {"type": "number"}}
 
 ERRORS = {
-    "400": {"$ref": "#/components/responses/BadRequest"},
-    "401": {"$ref": "#/components/responses/Unauthenticated"},
-    "403": {"$ref": "#/components/responses/PermissionDenied"},
-    "413": {"$ref": "#/components/responses/TooLarge"},
-    "429": {"$ref": "#/components/responses/Overloaded"},
-    "502": {"$ref": "#/components/responses/UpstreamError"},
-    "503": {"$ref": "#/components/responses/Unavailable"},
-    "504": {"$ref": "#/components/responses/DeadlineExceeded"},
+    "400": "Malformed JSON, a wrong type, or a rule broken (INVALID_ARGUMENT); names the field and the limit.",
+    "401": "The gRPC server wants an API key (UNAUTHENTICATED).",
+    "403": "The API key was refused (PERMISSION_DENIED).",
+    "413": "The body is larger than --max-body-bytes.",
+    "404": "The body names a model the server does not serve (several loaded); the message lists them.",
+    "429": "The server's queue is full (RESOURCE_EXHAUSTED): back off and retry.",
+    "502": "Any other gRPC failure.",
+    "503": "The gRPC server cannot be reached or is not ready (UNAVAILABLE).",
+    "504": "No answer within the bridge's deadline (RERANKER_REST_DEADLINE_S).",
 }
-
 HEADERS = [
     {
         "name": "X-Request-Id",
         "in": "header",
         "required": False,
         "schema": {"type": "string", "pattern": "^[!-~]{1,64}$"},
-        "description": "Forwarded to the gRPC server as `x-request-id` metadata (and used as /v1/rerank's id).",
+        "description": "Forwarded to the gRPC server as `x-request-id` metadata (and used as the answer's id).",
     },
 ]
 
 
-def _post(summary: str, description: str, request: str, response: str, ok: str, errors: dict[str, Any]) -> dict:
+def _post(summary: str, description: str, request: str, response: str, error: str) -> dict[str, Any]:
+    errors = {status: _json(error, text) for status, text in ERRORS.items()}
+    if error == "LegacyPostResponse":  # legacy 1 answers a bad request with HTTP 200 and its envelope
+        del errors["400"]
     return {
         "post": {
             "summary": summary,
             "description": description,
             "parameters": HEADERS,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-            "responses": {"200": _json(_ref(response), ok), **errors},
+            "responses": {"200": _json(response, "Scored."), **errors},
         }
     }
 
 
-LEGACY_RERANK = _post(
-    "Legacy 2 (fc3-bge-reranker-api): sigmoid scores",
-    "Scores `query` against each of `compare_to`; `data` holds sigmoid scores in [0, 1], in input order.",
-    "LegacyRerankRequest",
-    "LegacyRerankResponse",
-    "One score per `compare_to` text, input order.",
-    ERRORS,
+def _get(summary: str, response: str, description: str, **others: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": _json(response, description), **others}}}
+
+
+RERANK = _post(
+    "Legacy 2, TEI or Infinity, told apart by the body's list",
+    "`compare_to` (legacy 2, fc3-bge-reranker-api): `{object: list, data}` with sigmoid scores in input order. "
+    "`texts` (Text Embeddings Inference): an array of `{index, score, text?}`, best first; sigmoid unless "
+    "`raw_scores`; a text too long for one pair is scored by its best window unless `truncate`. "
+    "`documents` (Infinity): `{object: rerank, results, model, usage, id, created}`, best first, cut to `top_n`. "
+    "A body with none of the three lists is a 400 naming them.",
+    "RerankRequest",
+    "RerankResponse",
+    "Error",
+)
+
+MODELS = _get(
+    "The loaded models (OpenAI/Infinity list shape); the first is the server's default",
+    "ModelList",
+    "From the gRPC GetModelInfo.",
+    **{status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")},
 )
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
         "title": "Reranker REST bridge",
-        "version": "1.0.0",
+        "version": "1.1.0",
         "description": "JSON over HTTP in front of the `reranker.v1.Reranker` gRPC service: the two legacy "
-        "services' endpoints and a Cohere/Jina-compatible `/v1/rerank`. Every route calls the same gRPC "
-        "`Rerank`. An `Authorization` header is forwarded as gRPC metadata.",
+        "services' endpoints, TEI's and Infinity's `/rerank`, Cohere's `/v1/rerank` (also Jina's) and "
+        "`/v2/rerank`. Every route calls the same gRPC `Rerank`. An `Authorization` header is forwarded as "
+        "gRPC metadata.",
     },
     "paths": {
         "/bge-reranker-base/post": _post(
@@ -80,37 +155,45 @@ OPENAPI: dict[str, Any] = {
             "raw logits in input order. A bad request answers HTTP 200 with the legacy failure envelope "
             '(`"code": -1`, `"rerank_scores": []`, `text_pairs` echoed as received) plus `error`; overload, '
             "an unreachable server, deadlines, authentication and oversize bodies keep the envelope with "
-            "their HTTP status (429, 503, 504, 401/403, 413).",
+            "their HTTP status.",
             "LegacyPostRequest",
             "LegacyPostResponse",
-            "Scored (`code` 200) or refused (`code` -1, `error` says why).",
-            {
-                k: _json(_ref("LegacyPostResponse"), "The legacy failure envelope.")
-                for k in ("401", "403", "413", "429", "502", "503", "504")
-            },
+            "LegacyPostResponse",
         ),
-        "/rerank": LEGACY_RERANK,
-        "/reank": LEGACY_RERANK,
+        "/rerank": RERANK,
+        "/reank": RERANK,
         "/v1/rerank": _post(
-            "Cohere/Jina-compatible rerank",
+            "Cohere v1 (and Jina) rerank",
             "Results best first, cut to `top_n`. Scores are sigmoid in [0, 1] unless `raw_scores` is true. "
-            '`documents` may be strings or `{"text": ...}` objects. `model` is accepted and ignored: the '
-            "response names the model the server runs.",
-            "V1RerankRequest",
-            "V1RerankResponse",
-            "Ranked results.",
-            ERRORS,
+            "`documents` may be strings or objects (ranked on `text`, or on `rank_fields`). With "
+            "`max_chunks_per_doc`, a document too long for one pair is scored by its best window. Errors are "
+            "`{message}`.",
+            "CohereV1RerankRequest",
+            "CohereV1RerankResponse",
+            "CohereError",
         ),
-        "/health": {
-            "get": {
-                "summary": "Health",
-                "description": "200 only while the gRPC server reports SERVING for `reranker.v1.Reranker`.",
-                "responses": {
-                    "200": _json(_ref("Health"), "Serving."),
-                    "503": _json(_ref("Health"), "Not serving: loading, stopping, or unreachable."),
-                },
-            }
-        },
+        "/v2/rerank": _post(
+            "Cohere v2 rerank",
+            "Results best first, cut to `top_n`, sigmoid scores. A document too long for one pair is scored by "
+            "its best window. Errors are `{message}`.",
+            "CohereV2RerankRequest",
+            "CohereV2RerankResponse",
+            "CohereError",
+        ),
+        "/v1/models": MODELS,
+        "/models": MODELS,
+        "/info": _get(
+            "The served model and limits, in TEI's shape",
+            "TeiInfo",
+            "From the gRPC GetModelInfo.",
+            **{status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")},
+        ),
+        "/health": _get(
+            "Health: 200 only while the gRPC server reports SERVING for `reranker.v1.Reranker`",
+            "Health",
+            "Serving.",
+            **{"503": _json("Health", "Not serving: loading, stopping, or unreachable.")},
+        ),
         "/": {
             "get": {
                 "summary": "Redirect to /docs",
@@ -120,159 +203,10 @@ OPENAPI: dict[str, Any] = {
         "/docs": {
             "get": {
                 "summary": "Swagger UI",
-                "responses": {"200": {"description": "HTML page", "content": {"text/html": {"schema": {}}}}},
+                "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}},
             }
         },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {"200": _json({"type": "object"}, "The OpenAPI 3 document.")},
-            }
-        },
+        "/openapi.json": _get("This document", "OpenApiDocument", "The OpenAPI 3 document."),
     },
-    "components": {
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error", "status"],
-                "properties": {
-                    "error": {"type": "string", "description": "What was wrong, naming the field and limit."},
-                    "status": {"type": "integer", "description": "The HTTP status again."},
-                },
-            },
-            "LegacyPostRequest": {
-                "type": "object",
-                "required": ["text_pairs"],
-                "properties": {
-                    "text_pairs": {
-                        "oneOf": [
-                            {
-                                "type": "string",
-                                "description": "Python literal, e.g. \"[['what is panda?', 'hi']]\"",
-                                "example": "[['what is panda?', 'hi'], ['what is panda?', 'A panda is a bear.']]",
-                            },
-                            {
-                                "type": "array",
-                                "minItems": 1,
-                                "maxItems": MAX_ITEMS,
-                                "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": TEXT},
-                            },
-                        ]
-                    }
-                },
-            },
-            "LegacyPostResponse": {
-                "type": "object",
-                "required": ["text_pairs", "rerank_scores", "code"],
-                "properties": {
-                    "text_pairs": {"description": "The parsed pairs; on failure, the input as received."},
-                    "rerank_scores": {**NUMBERS, "description": "Raw logits, input order; empty on failure."},
-                    "request_time": {"type": "string", "example": "2023-12-22 17:07:54"},
-                    "response_time": {"type": "string", "example": "2023-12-22 17:07:54"},
-                    "code": {"type": "integer", "enum": [200, -1]},
-                    "error": {"type": "string", "description": "Only when code is -1: what was wrong."},
-                },
-            },
-            "LegacyRerankRequest": {
-                "type": "object",
-                "required": ["query", "compare_to"],
-                "properties": {
-                    "query": {**TEXT, "example": "什么是函数计算"},
-                    "compare_to": {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": MAX_ITEMS,
-                        "items": TEXT,
-                        "example": ["你好", "函数计算是阿里云Serverless计算服务，提供专业的Serverless架构服务托管"],
-                    },
-                },
-            },
-            "LegacyRerankResponse": {
-                "type": "object",
-                "required": ["object", "data"],
-                "properties": {"object": {"type": "string", "enum": ["list"]}, "data": NUMBERS},
-            },
-            "V1RerankRequest": {
-                "type": "object",
-                "required": ["query", "documents"],
-                "properties": {
-                    "model": {"type": "string", "nullable": True},
-                    "query": {**TEXT, "example": "what is panda?"},
-                    "documents": {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": MAX_ITEMS,
-                        "items": {
-                            "oneOf": [
-                                TEXT,
-                                {"type": "object", "required": ["text"], "properties": {"text": TEXT}},
-                            ]
-                        },
-                        "example": ["hi", "The giant panda is a bear species endemic to China."],
-                    },
-                    "top_n": {"type": "integer", "minimum": 1, "nullable": True},
-                    "return_documents": {"type": "boolean", "default": False, "nullable": True},
-                    "raw_scores": {
-                        "type": "boolean",
-                        "default": False,
-                        "nullable": True,
-                        "description": "Raw logits instead of sigmoid scores.",
-                    },
-                },
-            },
-            "V1RerankResponse": {
-                "type": "object",
-                "required": ["id", "model", "results", "usage"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "model": {"type": "string"},
-                    "results": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["index", "relevance_score"],
-                            "properties": {
-                                "index": {"type": "integer", "minimum": 0},
-                                "relevance_score": {"type": "number"},
-                                "document": {
-                                    "type": "object",
-                                    "required": ["text"],
-                                    "properties": {"text": {"type": "string"}},
-                                },
-                            },
-                        },
-                    },
-                    "usage": {
-                        "type": "object",
-                        "required": ["prompt_tokens", "total_tokens"],
-                        "properties": {
-                            "prompt_tokens": {"type": "integer", "minimum": 0},
-                            "total_tokens": {"type": "integer", "minimum": 0},
-                        },
-                    },
-                },
-            },
-            "Health": {
-                "type": "object",
-                "required": ["status"],
-                "properties": {
-                    "status": {"type": "string", "example": "SERVING"},
-                    "error": {"type": "string"},
-                },
-            },
-        },
-        "responses": {
-            name: _json(_ref("Error"), description)
-            for name, description in {
-                "BadRequest": "Malformed JSON, a wrong type, or a rule broken (INVALID_ARGUMENT); names the problem.",
-                "Unauthenticated": "The gRPC server wants an API key (UNAUTHENTICATED).",
-                "PermissionDenied": "The API key was refused (PERMISSION_DENIED).",
-                "TooLarge": "The body is larger than --max-body-bytes.",
-                "Overloaded": "The server's queue is full (RESOURCE_EXHAUSTED): back off and retry.",
-                "UpstreamError": "Any other gRPC failure.",
-                "Unavailable": "The gRPC server cannot be reached or is not ready (UNAVAILABLE).",
-                "DeadlineExceeded": "No answer within the deadline (DEADLINE_EXCEEDED).",
-            }.items()
-        },
-    },
+    "components": {"schemas": _components()},
 }

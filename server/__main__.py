@@ -30,7 +30,10 @@ async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
         grpc_target=grpc_target,
         host=config.host,
         port=config.rest_port,
+        deadline_s=config.rest_deadline_s,  # RERANKER_REST_DEADLINE_S, as the standalone bridge's --deadline-s
         log_level=config.log_level,
+        legacy1_model=config.legacy1_model,
+        legacy2_model=config.legacy2_model,
         header_timeout_s=config.rest_header_timeout_s,
         body_timeout_s=config.rest_body_timeout_s,
         max_connections=config.rest_max_connections,

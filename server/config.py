@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,13 @@ class Config:
     tls_key: str = ""
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed
     watch_models: float = 0.0  # poll the model directories every N seconds and reload changed ones; 0 = off
+    max_windows_per_doc: int = 64  # long_documents=CHUNK: windows one passage may be cut into
+    max_windows_per_request: int = 4096  # long_documents=CHUNK: windows (pairs scored) in one request
+    legacy1_model: str = ""  # the in-process bridge: model of legacy 1's route ("" = the default model)
+    legacy2_model: str = ""  # the in-process bridge: model of legacy 2's routes ("" = the default model)
+    rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
+    model_type: str = "auto"  # auto: from config.json; cross-encoder, llm (FlagLLMReranker), layerwise
+    cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
     # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
     handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
     max_connections: int = 4000  # gRPC port: open connections; past it new ones are closed at once
@@ -75,7 +83,10 @@ class Config:
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
 
     def __post_init__(self) -> None:
-        parse_models(self.model)
+        names = [n for n, _ in parse_models(self.model)]
+        for route in ("legacy1_model", "legacy2_model"):
+            if getattr(self, route) and getattr(self, route) not in names:
+                raise ConfigError(f"{route} {getattr(self, route)!r} is not one of the served models {names}")
         if self.watch_models < 0:
             raise ConfigError(f"watch_models must be 0 (off) or a number of seconds, got {self.watch_models}")
         if not 0 <= self.port <= 65535:
@@ -91,8 +102,19 @@ class Config:
         self._check_security()
         if not 0 <= self.rest_port <= 65535:
             raise ConfigError(f"rest_port must be 0..65535 (0 turns the REST bridge off), got {self.rest_port}")
-        positive = ("max_length", "max_candidates", "max_text_chars", "handshake_timeout_s", "max_connections")
-        positive += ("rest_header_timeout_s", "rest_body_timeout_s", "rest_max_connections")
+        positive = (
+            "max_length",
+            "max_candidates",
+            "max_text_chars",
+            "max_windows_per_doc",
+            "max_windows_per_request",
+            "rest_deadline_s",
+            "handshake_timeout_s",
+            "max_connections",
+            "rest_header_timeout_s",
+            "rest_body_timeout_s",
+            "rest_max_connections",
+        )
         if self.max_connection_idle_s < 0:
             raise ConfigError(f"max_connection_idle_s must be 0 (never) or positive, got {self.max_connection_idle_s}")
         for name in positive:
@@ -112,6 +134,10 @@ class Config:
             )
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.cutoff_layer < 0:
+            raise ConfigError(f"cutoff_layer must be 0 (the model's last layer) or positive, got {self.cutoff_layer}")
 
     def _check_security(self) -> None:
         key = self.api_key
@@ -200,6 +226,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "part); repeat for several, the first is the default; RERANKER_MODELS takes a comma-separated list "
         f"(default: {d['model']})",
     )
+    for n in (1, 2):
+        p.add_argument(
+            f"--legacy{n}-model",
+            default=d[f"legacy{n}_model"],
+            help=f"with --rest-port: the model that legacy {n}'s routes use (default: the default model)",
+        )
     p.add_argument(
         "--watch-models",
         type=float,
@@ -272,8 +304,39 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--rest-port",
         type=int,
         default=d["rest_port"],
-        help="also serve the REST bridge (legacy endpoints, /v1/rerank, /docs) on this port, HTTPS with --tls-cert; "
+        help="also serve the REST bridge (legacy, TEI, Infinity, Cohere routes) on this port, HTTPS with --tls-cert; "
         "0 = off (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-deadline-s",
+        type=float,
+        default=d["rest_deadline_s"],
+        help="gRPC deadline of each REST bridge request, in seconds; then HTTP 504 (%(default)s)",
+    )
+    p.add_argument(
+        "--max-windows-per-doc",
+        type=int,
+        default=d["max_windows_per_doc"],
+        help="long_documents=CHUNK: most windows one passage is cut into (%(default)s)",
+    )
+    p.add_argument(
+        "--max-windows-per-request",
+        type=int,
+        default=d["max_windows_per_request"],
+        help="long_documents=CHUNK: most windows scored for one request (%(default)s)",
+    )
+    p.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default=d["model_type"],
+        help="auto reads config.json: cross-encoder (*ForSequenceClassification), llm (decoder-only *ForCausalLM, "
+        "FlagLLMReranker), layerwise (MiniCPM layer-wise, LayerWiseFlagLLMReranker) (%(default)s)",
+    )
+    p.add_argument(
+        "--cutoff-layer",
+        type=int,
+        default=d["cutoff_layer"],
+        help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
     )
     _add_connection_flags(p, d)
     return p

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import socket
+import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,17 +154,51 @@ def revision(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_is_cross_encoder(path: str) -> None:
+def read_model_config(path: str) -> dict[str, Any] | None:
+    """The config.json of a local model directory; None for a hub id."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        return  # a hub id: transformers reports what is wrong
+        return None
     with open(config_file, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+        return json.load(fh)
+
+
+def config_kind(cfg: dict[str, Any]) -> str | None:
+    """cross-encoder, llm or layerwise from a config.json's architectures; None when it is none of these."""
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or cfg.get("num_labels", 1) != 1:
+    labels = cfg.get("num_labels") or len(cfg.get("id2label") or {0: ""})
+    if any("LayerWise" in a for a in archs):  # BAAI/bge-reranker-v2-minicpm-layerwise
+        return "layerwise"
+    if any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1:
+        return "cross-encoder"
+    if any(a.endswith("ForCausalLM") and "CostWise" not in a for a in archs):  # not the "lightweight" Gemma 2
+        return "llm"
+    return None
+
+
+def not_a_reranker(path: str, cfg: dict[str, Any]) -> ModelLoadError:
+    archs = cfg.get("architectures") or []
+    lightweight = any("CostWise" in a for a in archs)
+    note = " (FlagEmbedding's lightweight reranker is not supported)" if lightweight else ""
+    return ModelLoadError(
+        f"{path} is not a reranker this server can serve (architectures={archs}){note}: expected a "
+        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, a decoder-only "
+        "*ForCausalLM one, such as BAAI/bge-reranker-v2-gemma, or LayerWiseMiniCPMForCausalLM "
+        "(BAAI/bge-reranker-v2-minicpm-layerwise); --model-type overrides the detection"
+    )
+
+
+def _check_is_cross_encoder(path: str) -> None:
+    cfg = read_model_config(path)
+    if cfg is None:
+        return  # a hub id: transformers reports what is wrong
+    kind = config_kind(cfg)
+    if kind is None:
+        raise not_a_reranker(path, cfg)
+    if kind != "cross-encoder":
         raise ModelLoadError(
-            f"{path} is not a cross-encoder reranker (architectures={archs}): expected a "
-            "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base"
+            f"{path} is a decoder-only reranker (architectures={cfg.get('architectures')}), not a cross-encoder: "
+            f"serve it with --model-type {kind} or auto"
         )
 
 
@@ -190,9 +227,14 @@ def _decodes_in_rust(tokenizer: object) -> bool:
     return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
 
 
-def load_engine(config: Config, model: str, name: str) -> RerankerModel:
-    """Load `model` (hub id or directory) under `name` with the class its kind needs."""
-    return RerankerModel(config, model, name)
+def load_engine(config: Config, model: str, name: str) -> Any:
+    """Load `model` (hub id or directory) under `name` with the class its kind needs (config.json, --model-type)."""
+    from server.llm_model import LLMRerankerModel, model_kind
+
+    kind = model_kind(resolve_model_path(model), config.model_type)
+    if kind == "cross-encoder":
+        return RerankerModel(config, model, name)
+    return LLMRerankerModel(config, resolve_model_path(model), kind, name)
 
 
 class RerankerModel:
@@ -214,7 +256,8 @@ class RerankerModel:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.path = path = resolve_model_path(model)
         self.revision = revision(path)
-        _check_is_cross_encoder(path)
+        if config.model_type != "cross-encoder":  # an explicit --model-type cross-encoder skips the detection
+            _check_is_cross_encoder(path)
         _quiet_progress_bars()
         try:
             # devices pinned to one: FlagReranker would otherwise start a multi-GPU process pool.
@@ -243,6 +286,18 @@ class RerankerModel:
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
         self._rust_decode = _decodes_in_rust(self.tokenizer)
+        self._local = threading.local()
+
+    def thread_tokenizer(self) -> Any:
+        """This thread's own copy of the tokenizer.
+
+        Each tokenizer call sets the Rust tokenizer's truncation on the object itself, so threads sharing one would
+        truncate with each other's settings, or fail ("Already borrowed"); a copy per tokenizing thread cannot.
+        """
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
         """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
@@ -254,7 +309,7 @@ class RerankerModel:
         max_length = max_length or self.max_length
         query_max = self.flag.query_max_length or max_length * 3 // 4
         pairs = self.flag.get_detailed_inputs([list(p) for p in pairs])
-        tok = self.tokenizer
+        tok = self.thread_tokenizer()
         # Candidates of one query share it: each distinct query is tokenized and decoded once.
         unique = list(dict.fromkeys(p[0] for p in pairs))
         q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
@@ -262,13 +317,16 @@ class RerankerModel:
         d_ids = tok(passages, add_special_tokens=False, max_length=max_length, truncation=True)["input_ids"]
         if callable(getattr(tok, "prepare_for_model", None)):  # transformers 4: id-level joining, no round trip
             by_query = dict(zip(unique, q_ids, strict=True))
-            return [self._join_one(by_query[p[0]], d, max_length) for p, d in zip(pairs, d_ids, strict=True)]
-        decoded = dict(zip(unique, self._decode(q_ids), strict=True))
+            return [self._join_one(tok, by_query[p[0]], d, max_length) for p, d in zip(pairs, d_ids, strict=True)]
+        decoded = dict(zip(unique, self._decode(tok, q_ids), strict=True))
         q_text = [decoded[p[0]] for p in pairs]
-        d_text = self._decode(d_ids)
+        d_text = self._decode(tok, d_ids)
         # An empty text is no pair to the tokenizer's Python layer but one to its Rust batch: settle those alone.
         whole = [i for i, (q, d) in enumerate(zip(q_text, d_text, strict=True)) if q and d]
-        out = [self._pair_one(q, d, max_length) if not (q and d) else None for q, d in zip(q_text, d_text, strict=True)]
+        out = [
+            self._pair_one(tok, q, d, max_length) if not (q and d) else None
+            for q, d in zip(q_text, d_text, strict=True)
+        ]
         try:
             joined = tok(
                 [q_text[i] for i in whole],
@@ -278,33 +336,33 @@ class RerankerModel:
                 padding=False,
             )
         except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
-            return [self._pair_one(q, d, max_length) for q, d in zip(q_text, d_text, strict=True)]
+            return [self._pair_one(tok, q, d, max_length) for q, d in zip(q_text, d_text, strict=True)]
         keys = [k for k in joined if k != "input_ids"]
         for row, i in enumerate(whole):
             out[i] = Encoded(joined["input_ids"][row], {k: joined[k][row] for k in keys})
         return out  # type: ignore[return-value]  # every place is filled
 
-    def _decode(self, ids: list[list[int]]) -> list[str]:
+    def _decode(self, tok: Any, ids: list[list[int]]) -> list[str]:
         """`decode` of each id list with special tokens kept and no clean-up, as FlagEmbedding's round trip does."""
         if self._rust_decode:  # the same call transformers makes per list, batched and without its Python checks
-            return self.tokenizer.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return tok.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
+        return tok.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _pair_one(self, query: str, passage: str, max_length: int) -> Encoded:
+    def _pair_one(self, tok: Any, query: str, passage: str, max_length: int) -> Encoded:
         """One decoded pair: compute_score's `only_second`, or cut both where that raises."""
         try:
-            item = self.tokenizer(query, passage, truncation="only_second", max_length=max_length, padding=False)
+            item = tok(query, passage, truncation="only_second", max_length=max_length, padding=False)
         except Exception:
             # The decode/re-encode round trip can lengthen the query past max_length, where cutting the
             # passage alone is not enough (FlagReranker itself raises); cut both instead.
-            item = self.tokenizer(query, passage, truncation="longest_first", max_length=max_length, padding=False)
+            item = tok(query, passage, truncation="longest_first", max_length=max_length, padding=False)
         return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
 
-    def _join_one(self, q: list[int], d: list[int], max_length: int) -> Encoded:
+    def _join_one(self, tok: Any, q: list[int], d: list[int], max_length: int) -> Encoded:
         try:
-            item = prepare_for_model_compat(self.tokenizer, q, d, truncation="only_second", max_length=max_length)
+            item = prepare_for_model_compat(tok, q, d, truncation="only_second", max_length=max_length)
         except Exception:
-            item = prepare_for_model_compat(self.tokenizer, q, d, truncation="longest_first", max_length=max_length)
+            item = prepare_for_model_compat(tok, q, d, truncation="longest_first", max_length=max_length)
         return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
 
     def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.admission import Admission
 from server.batcher import Batcher
+from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.metrics import Metrics
@@ -34,8 +35,11 @@ class Engine(Protocol):
     dtype: str
     max_length: int
     parameters: int
+    flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
+
+    def thread_tokenizer(self) -> Any: ...
 
 
 TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
@@ -49,6 +53,15 @@ class Scoring:
     batcher: Batcher[Any]
     tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
     batching: Any = None  # the budgets the batcher was given (server.model.Batching)
+
+    async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
+        """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
+
+        def split() -> Any:  # on a tokenizing thread, with that thread's own tokenizer
+            splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
+            return split_passages(splitter, pairs, plan)
+
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, split)
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
         """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
@@ -97,6 +110,31 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
     for i, c in enumerate(req.candidates):
         _check_text(c, f"candidates[{i}]", config.max_text_chars)
     return [(req.query, c) for c in req.candidates], list(req.candidates)
+
+
+def window_plan(req: pb.RerankRequest, config: Config) -> WindowPlan | None:
+    """How to cut long passages into windows, or None when the request truncates them (the default)."""
+    mode = req.long_documents
+    if req.max_windows_per_doc and mode != pb.LONG_DOCUMENTS_CHUNK:
+        raise InvalidRequest("max_windows_per_doc applies only with long_documents=LONG_DOCUMENTS_CHUNK")
+    if mode not in (pb.LONG_DOCUMENTS_CHUNK, pb.LONG_DOCUMENTS_TRUNCATE_LEFT):
+        return None
+    asked, most = req.max_windows_per_doc, config.max_windows_per_doc
+    if asked > most:
+        raise InvalidRequest(
+            f"max_windows_per_doc {asked} (max_chunks_per_doc over REST) is above the server's "
+            f"limit of {most} windows per passage (--max-windows-per-doc)"
+        )
+    per_doc = Limit(asked, f"max_windows_per_doc {asked}, max_chunks_per_doc over REST") if asked else None
+    per_request = Limit(config.max_windows_per_request, f"--max-windows-per-request {config.max_windows_per_request}")
+    if config.max_queue_pairs < per_request.count:  # a request larger than the queue could never be queued
+        per_request = Limit(config.max_queue_pairs, f"--max-queue-pairs {config.max_queue_pairs}")
+    return WindowPlan(
+        keep_end_only=mode == pb.LONG_DOCUMENTS_TRUNCATE_LEFT,
+        per_doc=per_doc or Limit(most, f"--max-windows-per-doc {most}"),
+        per_request=per_request,
+        name="pairs[{}].passage" if req.pairs else "candidates[{}]",
+    )
 
 
 def build_response(
@@ -159,16 +197,26 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def _rerank(self, req: pb.RerankRequest) -> pb.RerankResponse:
         """One request, from a unary Rerank or from a RerankStream: validate, queue, score, rank."""
         pairs, documents = request_pairs(req, self.config)
+        plan = window_plan(req, self.config)
         name, scoring = self._ready(req.model)
+        windows = None
+        if plan is not None:  # cut on the tokenizing thread; the windows' count is known only after
+            windows = await scoring.split(pairs, plan, req.max_length or scoring.engine.max_length)
+            pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
         usage = pb.Usage(
-            pairs=len(pairs), tokens=result.tokens, queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3
+            pairs=len(documents),
+            windows=len(pairs),
+            tokens=result.tokens,
+            queue_ms=result.queue_s * 1e3,
+            inference_ms=result.inference_s * 1e3,
         )
-        return build_response(req, documents, result.scores, name, usage)
+        scores = result.scores if windows is None else windows.best(result.scores, len(documents))
+        return build_response(req, documents, scores, name, usage)
 
     async def _model_info(self, name: str) -> pb.GetModelInfoResponse:
         name, scoring = self._ready(name)

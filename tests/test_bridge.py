@@ -197,7 +197,7 @@ async def test_malformed_json_and_unknown_routes_get_json_errors(bridge: TestCli
     resp = await bridge.post("/rerank", data=b"\xff\xfe\x00")
     assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]
     resp = await bridge.post("/v1/rerank", data=b"[" * 100_000)
-    assert resp.status == 400 and "nested too deeply" in (await resp.json())["error"]
+    assert resp.status == 400 and "nested too deeply" in (await resp.json())["message"]  # Cohere's error shape
     resp = await bridge.get("/rerank")
     assert resp.status == 405 and "use POST" in (await resp.json())["error"]
     resp = await bridge.post("/nope", json={})
@@ -208,7 +208,7 @@ async def test_oversize_body_is_413(server: RerankServer, aiohttp_client: Any) -
     client = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{server.port}", max_body_bytes=1000)))
     resp = await client.post("/v1/rerank", json={"query": "q", "documents": ["x" * 2000]})
     assert resp.status == 413
-    assert (await resp.json())["error"] == "request body is larger than the limit of 1000 bytes"
+    assert await resp.json() == {"message": "request body is larger than the limit of 1000 bytes"}
 
 
 # ---------------------------------------------------------------- /v1/rerank
@@ -265,7 +265,7 @@ async def test_v1_rerank_documents_objects_raw_scores_and_return_documents(
 async def test_v1_rerank_bad_input_is_400(bridge: TestClient, body: Any, problem: str) -> None:
     resp = await bridge.post("/v1/rerank", json=body)
     assert resp.status == 400
-    assert problem in (await resp.json())["error"]
+    assert problem in (await resp.json())["message"]
 
 
 async def test_huge_top_n_is_all_results(bridge: TestClient) -> None:

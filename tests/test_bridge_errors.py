@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ from aiohttp.test_utils import TestClient
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge import BridgeConfig, create_app
+from rest_bridge.errors import CONFIG_KEY
 from server.app import RerankServer
 from tests.conftest import test_config
+from tests.test_bridge_process import free_port
 
 
 class ScriptedReranker(pb_grpc.RerankerServicer):
@@ -93,7 +96,23 @@ async def test_slow_server_gets_504_after_the_deadline(
     servicer.delay_s = 2.0
     client = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{port}", deadline_s=0.2)))
     resp = await client.post("/rerank", json={"query": "q", "compare_to": ["a"]})
-    assert resp.status == 504 and "DEADLINE_EXCEEDED" in (await resp.json())["error"]
+    error = (await resp.json())["error"]
+    assert resp.status == 504 and "DEADLINE_EXCEEDED" in error
+    assert "waits at most 0.2 s" in error and "RERANKER_REST_DEADLINE_S" in error and "--rest-deadline-s" in error
+
+
+async def test_server_rest_port_bridge_takes_the_shared_deadline_setting(model_dir: Path) -> None:
+    from server.__main__ import _start_bridge
+    from server.config import load_config
+
+    config = load_config(["--model", str(model_dir), "--rest-port", "0"], {"RERANKER_REST_DEADLINE_S": "45"})
+    assert config.rest_deadline_s == 45.0  # the same variable as python -m rest_bridge's --deadline-s
+    config = dataclasses.replace(config, host="127.0.0.1", rest_port=free_port())
+    runner = await _start_bridge(config, grpc_port=free_port())
+    try:
+        assert runner.app[CONFIG_KEY].deadline_s == 45.0
+    finally:
+        await runner.cleanup()
 
 
 async def _status_until(client: TestClient, path: str, want: int, body: dict[str, Any] | None = None) -> int:

@@ -79,7 +79,7 @@ def test_directory_that_is_not_a_reranker_fails_fast(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
     proc, _ = _run_server("--model", str(tmp_path))
     assert proc.returncode != 0
-    assert "not a cross-encoder reranker" in proc.stderr
+    assert "not a reranker this server can serve" in proc.stderr
 
 
 def test_hub_model_without_network_fails_fast_and_says_how_to_run_offline() -> None:

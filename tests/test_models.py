@@ -249,3 +249,62 @@ async def test_client_chooses_the_model(two_models: RerankServer, model_dir: Pat
         assert (info.model, info.models, len(info.revision)) == ("two", ["one", "two"], 12)
         with pytest.raises(ModelNotFoundError, match="one, two"):
             await client.rerank(QUERY, PASSAGES, model="three")
+
+
+async def test_rest_routes_choose_models(
+    two_models: RerankServer, model_dir: Path, other_model_dir: Path, aiohttp_client: Any
+) -> None:
+    from rest_bridge import BridgeConfig
+    from rest_bridge.app import create_app
+
+    pairs = [(QUERY, p) for p in PASSAGES]
+    raw = {"one": reference(model_dir, pairs), "two": reference(other_model_dir, pairs)}
+    config = BridgeConfig(grpc_target=f"127.0.0.1:{two_models.port}", legacy1_model="two", legacy2_model="two")
+    bridge = await aiohttp_client(create_app(config))
+
+    resp = await bridge.post("/v1/rerank", json={"model": "two", "query": QUERY, "documents": PASSAGES})
+    body = await resp.json()
+    assert resp.status == 200 and body["model"] == "two"
+    by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx([sigmoid(x) for x in raw["two"]], abs=1e-6)
+
+    resp = await bridge.post(
+        "/rerank", json={"model": "one", "query": QUERY, "documents": PASSAGES, "raw_scores": True}
+    )
+    body = await resp.json()
+    assert body["model"] == "one"
+    assert sorted(r["relevance_score"] for r in body["results"]) == pytest.approx(sorted(raw["one"]), abs=1e-6)
+
+    resp = await bridge.post("/rerank", json={"query": QUERY, "compare_to": PASSAGES})  # legacy 2: --legacy2-model
+    assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw["two"]], abs=1e-6)
+    legacy1 = {"text_pairs": [list(p) for p in pairs]}
+    resp = await bridge.post("/bge-reranker-base/post", json=legacy1)
+    assert (await resp.json())["rerank_scores"] == pytest.approx(raw["two"], abs=1e-6)
+
+    for path in ("/v1/rerank", "/v2/rerank"):
+        resp = await bridge.post(path, json={"model": "rerank-v3.5", "query": QUERY, "documents": PASSAGES})
+        assert resp.status == 404 and "one, two" in (await resp.json())["message"]
+    resp = await bridge.post("/rerank", json={"model": "nope", "query": QUERY, "documents": PASSAGES})
+    assert resp.status == 404 and "loaded models: one, two" in (await resp.json())["error"]
+
+    resp = await bridge.get("/v1/models")
+    assert [m["id"] for m in (await resp.json())["data"]] == ["one", "two"]
+
+
+async def test_rest_with_one_model_accepts_any_name(
+    server: RerankServer, aiohttp_client: Any, flag_reranker: Any
+) -> None:
+    from rest_bridge import BridgeConfig
+    from rest_bridge.app import create_app
+
+    bridge = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{server.port}")))
+    resp = await bridge.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": QUERY, "documents": PASSAGES})
+    assert resp.status == 200 and len((await resp.json())["results"]) == len(PASSAGES)
+    resp = await bridge.get("/models")
+    assert [m["id"] for m in (await resp.json())["data"]] == [server.config.default_model]
+
+
+def sigmoid(x: float) -> float:
+    import math
+
+    return 1 / (1 + math.exp(-x))

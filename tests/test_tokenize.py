@@ -140,3 +140,16 @@ def test_launch_then_collect_equals_compute_score(engine: Any, flag_reranker: An
     collect = engine.launch(engine.encode(pairs))
     expected = flag_reranker.compute_score([list(p) for p in pairs])
     assert collect() == pytest.approx(expected, abs=1e-5)
+
+
+def test_threads_tokenizing_at_once_get_the_ids_of_one_thread(engine: Any) -> None:
+    """Each call sets truncation on the tokenizer object; threads must not see each other's settings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [
+        ([(f"q{i} " + SENTENCES[i % 11], SENTENCES[(i * 3) % 11] * 9)] * 5, [16, 48, 512][i % 3]) for i in range(60)
+    ]
+    serial = [[e.input_ids for e in engine.encode(pairs, n)] for pairs, n in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda job: [e.input_ids for e in engine.encode(*job)], jobs))
+    assert parallel == serial

@@ -1,7 +1,8 @@
-"""Build a random-weight XLM-RoBERTa cross-encoder and tokenizer that FlagEmbedding loads like bge-reranker.
+"""Build random-weight rerankers and tokenizers that FlagEmbedding loads like the real ones.
 
 Tests and benchmarks run offline, so they make their own model instead of downloading one:
-`python -m tools.make_model DIR --shape tiny|base`.
+`python -m tools.make_model DIR --shape tiny|base` (an XLM-RoBERTa cross-encoder like bge-reranker), or
+`--kind gemma|qwen2|layerwise` for a tiny decoder-only reranker (FlagLLMReranker, LayerWiseFlagLLMReranker).
 """
 
 from __future__ import annotations
@@ -83,12 +84,133 @@ def build_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Pa
     return out
 
 
+# FlagEmbedding's decoder-only prompt and instructions: the tokenizer learns them so the tests' ids stay short.
+LLM_TEXTS = [
+    "Given a query A and a passage B, determine whether the passage contains an answer to the query by providing "
+    "a prediction of either 'Yes' or 'No'.",
+    "A: ",
+    "B: ",
+    "Yes",
+    "No",
+]
+LLM_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+# Weights wide enough to spread the scores, narrow enough that compute_score's own padding (which shifts the
+# rotary positions, see server/llm_model.py) moves them by float rounding only.
+LLM_INIT = 0.2
+
+
+def build_causal_tokenizer(bos: bool = True, padding_side: str = "left", vocab_size: int = 400):  # -> fast tokenizer
+    """A byte-level BPE tokenizer like a causal LM's: optional bos, eos, pad; "Yes" and "\\n" tokenize."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator((SENTENCES + LLM_TEXTS) * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>" if bos else None,
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side=padding_side,
+        model_max_length=2048,
+    )
+
+
+def build_llm_model(directory: str | Path, seed: int = 0, arch: str = "gemma") -> Path:
+    """A tiny decoder-only reranker for FlagLLMReranker.
+
+    gemma: like bge-reranker-v2-gemma (bos before the query, left padding); qwen2: no bos, right padding.
+    """
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    gemma = arch == "gemma"
+    tokenizer = build_causal_tokenizer(bos=gemma, padding_side="left" if gemma else "right")
+    config_class, model_class = (GemmaConfig, GemmaForCausalLM) if gemma else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=LLM_INIT,
+        **LLM_SHAPE,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny MiniCPM layer-wise reranker (4 layers, heads from layer 2) like bge-reranker-v2-minicpm-layerwise."""
+    import torch
+    from FlagEmbedding.inference.reranker.decoder_only.models.configuration_minicpm_reranker import (
+        LayerWiseMiniCPMConfig,
+    )
+    from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
+        LayerWiseMiniCPMForCausalLM,
+    )
+    from safetensors.torch import save_file
+
+    from server.llm_model import layerwise_compat
+
+    tokenizer = build_causal_tokenizer(bos=True, padding_side="left")
+    with layerwise_compat():  # the model's code predates transformers 5
+        config = LayerWiseMiniCPMConfig(
+            vocab_size=len(tokenizer),
+            num_hidden_layers=4,
+            start_layer=2,
+            head_multi=True,
+            head_type="simple",
+            scale_emb=12,
+            dim_model_base=32,
+            scale_depth=1.4,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            initializer_range=LLM_INIT,
+            architectures=["LayerWiseMiniCPMForCausalLM"],
+            **LLM_SHAPE,
+        )
+        torch.manual_seed(seed)
+        model = LayerWiseMiniCPMForCausalLM(config)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # save_pretrained trips on the model's list of tied weights under transformers 5: write the file directly.
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="the cross-encoder's size")
+    parser.add_argument("--kind", choices=("cross-encoder", "gemma", "qwen2", "layerwise"), default="cross-encoder")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(build_model(args.directory, args.shape))
+    if args.kind == "cross-encoder":
+        print(build_model(args.directory, args.shape, args.seed))
+    elif args.kind == "layerwise":
+        print(build_layerwise_model(args.directory, args.seed))
+    else:
+        print(build_llm_model(args.directory, args.seed, args.kind))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""Decoder-only rerankers: FlagEmbedding's FlagLLMReranker and the layer-wise MiniCPM one, behind the engine interface.
+
+The score of a pair is the model's "Yes" logit after the prompt (FlagLLMReranker), or the layer-wise head's output at
+the cutoff layer (LayerWiseFlagLLMReranker), at the last token. Pairs are tokenized exactly as the class's
+`compute_score_single_gpu` does; a batch is padded on the left with position ids counted from the attention mask, so
+each pair sits at positions 0..n-1 whatever its batch-mates. compute_score's own left padding shifts them, which under
+rotary embeddings moves its scores by float rounding only (up to 1e-4 on a tiny model with wide random weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from FlagEmbedding import FlagLLMReranker, LayerWiseFlagLLMReranker
+from FlagEmbedding.inference.reranker.decoder_only.models.configuration_minicpm_reranker import LayerWiseMiniCPMConfig
+from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
+    LayerWiseMiniCPMForCausalLM,
+)
+from FlagEmbedding.utils.tokenizer_compat import prepare_for_model_compat
+
+from server.config import MODEL_TYPES, Config
+from server.model import (
+    CPU_BATCH_SIZE,
+    ModelLoadError,
+    RerankerModel,
+    _offline_help,
+    _quiet_progress_bars,
+    config_kind,
+    not_a_reranker,
+    pick_device,
+    read_model_config,
+    revision,
+)
+
+log = logging.getLogger(__name__)
+
+# FlagEmbedding's default prompt (decoder_only/base.py); the class's `prompt` argument overrides it.
+DEFAULT_PROMPT = (
+    "Given a query A and a passage B, determine whether the passage contains an answer to the query by providing "
+    "a prediction of either 'Yes' or 'No'."
+)
+PAD_MULTIPLE = 8  # the Collater's pad_to_multiple_of
+_COMPAT_LOCK = threading.Lock()  # layerwise_compat patches classes: one load at a time
+
+
+def model_kind(path: str, override: str = "auto") -> str:
+    """cross-encoder, llm or layerwise: `override` unless it is auto, else from the model's config.json."""
+    if override != "auto":
+        if override not in MODEL_TYPES:
+            raise ModelLoadError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {override!r}")
+        return override
+    cfg = read_model_config(path)
+    if cfg is None:  # a hub id: its config.json alone
+        cfg = _hub_config(path)
+    kind = config_kind(cfg)
+    if kind is None:
+        raise not_a_reranker(path, cfg)
+    return kind
+
+
+def _hub_config(model: str) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with open(hf_hub_download(model, "config.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    except Exception as exc:  # offline, no such repo, no access
+        raise ModelLoadError(f"could not read config.json of model {model!r}: {exc}. {_offline_help(model)}") from None
+
+
+@contextlib.contextmanager
+def layerwise_compat() -> Iterator[None]:
+    """Let FlagEmbedding's MiniCPM layer-wise model build under transformers 5 (restored on exit).
+
+    transformers 5 returns its standardized `rope_parameters` for `config.rope_scaling`, so a config without scaling
+    reads as scaled and `_init_rope` fails on the missing "type" key; and it expects `_tied_weights_keys` to be a
+    dict (the model's is a list; its per-layer heads are never tied to the embeddings anyway).
+    """
+    with _COMPAT_LOCK:
+        yield from _patched_minicpm()
+
+
+def _patched_minicpm() -> Iterator[None]:
+    saved_rope = LayerWiseMiniCPMConfig.__dict__.get("rope_scaling")
+    saved_tied = LayerWiseMiniCPMForCausalLM.__dict__.get("_tied_weights_keys")
+    base = LayerWiseMiniCPMConfig.rope_scaling
+
+    def legacy_rope_scaling(self: LayerWiseMiniCPMConfig) -> dict[str, Any] | None:
+        params = getattr(self, "rope_parameters", None)
+        return params if params and "type" in params else None  # only a legacy {"type", "factor"} is scaling
+
+    if isinstance(base, property):
+        LayerWiseMiniCPMConfig.rope_scaling = property(legacy_rope_scaling, base.fset)  # type: ignore[method-assign, assignment]
+    LayerWiseMiniCPMForCausalLM._tied_weights_keys = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for cls, name, saved in (
+            (LayerWiseMiniCPMConfig, "rope_scaling", saved_rope),
+            (LayerWiseMiniCPMForCausalLM, "_tied_weights_keys", saved_tied),
+        ):
+            if saved is None:
+                with contextlib.suppress(AttributeError):
+                    delattr(cls, name)
+            else:
+                setattr(cls, name, saved)
+
+
+def _repair_layerwise(model: torch.nn.Module) -> None:
+    """What transformers 5's loading leaves undone in the MiniCPM model, done as its __init__ would.
+
+    Its rotary tables are non-persistent buffers, which loading (on the meta device) leaves uninitialised: rebuild
+    them. Its forward still calls the removed `DynamicCache.from_legacy_cache` when the cache is on: a reranker
+    never uses the cache.
+    """
+    for module in model.modules():
+        if hasattr(module, "_set_cos_sin_cache") and hasattr(module, "inv_freq"):
+            steps = torch.arange(0, module.dim, 2, device=module.inv_freq.device).float()
+            module.inv_freq = 1.0 / (module.base ** (steps / module.dim))
+            module._set_cos_sin_cache(
+                seq_len=module.max_position_embeddings, device=module.inv_freq.device, dtype=torch.float32
+            )
+    model.config.use_cache = False
+
+
+def load_flag_reranker(path: str, kind: str, **kwargs: Any) -> FlagLLMReranker | LayerWiseFlagLLMReranker:
+    """FlagEmbedding's class for `kind` ("llm" or "layerwise"), loaded so that it scores correctly here."""
+    if kind == "llm":
+        return FlagLLMReranker(path, **kwargs)
+    with layerwise_compat(), warnings.catch_warnings():
+        # "use_fp16 is set to True": the class's own choice, made again (and logged) by LLMRerankerModel
+        warnings.filterwarnings("ignore", message="Due to model constraints", category=UserWarning)
+        flag = LayerWiseFlagLLMReranker(path, **kwargs)
+    if not isinstance(flag.model, LayerWiseMiniCPMForCausalLM):  # the class falls back to AutoModelForCausalLM
+        raise ModelLoadError(f"{path} did not load as FlagEmbedding's LayerWiseMiniCPMForCausalLM")
+    _repair_layerwise(flag.model)
+    return flag
+
+
+def _use_fp16(config: Config, kind: str, on_cuda: bool) -> bool:
+    """fp16 on CUDA unless --no-fp16 (the layer-wise class insists on it), never on CPU."""
+    if config.fp16 and not on_cuda:
+        log.warning("fp16 is not used on CPU; running in fp32")
+    if kind == "layerwise" and on_cuda:
+        if config.fp16 is False:
+            log.warning("layer-wise rerankers run in fp16 on CUDA (as FlagEmbedding's class does); --no-fp16 ignored")
+        return True
+    return on_cuda if config.fp16 is None else (config.fp16 and on_cuda)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """One pair's ids as compute_score builds them: [bos] query, sep passage, sep prompt."""
+
+    input_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class LLMRerankerModel:
+    """A FlagEmbedding decoder-only reranker on one device; scores equal the class's compute_score."""
+
+    # The cross-encoder's: they use only encode/launch, the device, the dtype and the model config's shape.
+    batching = RerankerModel.batching
+    _cuda_budget = RerankerModel._cuda_budget
+    forward = RerankerModel.forward
+    score = RerankerModel.score
+    warm_up = RerankerModel.warm_up
+    thread_tokenizer = RerankerModel.thread_tokenizer
+
+    def __init__(self, config: Config, path: str, kind: str, name: str | None = None) -> None:
+        if kind not in ("llm", "layerwise"):
+            raise ValueError(f"kind must be llm or layerwise, got {kind!r}")
+        self.name = name or config.default_model
+        self.path = path
+        self.revision = revision(path)
+        self.kind = kind
+        self.device = pick_device(config.device)
+        self._cuda = on_cuda = self.device.startswith("cuda")
+        self.fp16 = _use_fp16(config, kind, on_cuda)
+        self.dtype = "float16" if self.fp16 else "float32"
+        self.max_length = config.max_length
+        if not on_cuda:
+            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        self.flag = self._load(config, path, kind)
+        self.tokenizer = self.flag.tokenizer
+        self.model = self.flag.model
+        self._check_limits(config, path)
+        if self.fp16:
+            self.model.half()
+        self.model.to(self.device)
+        self.model.eval()
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        tok = self.tokenizer
+        prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
+        self._prompt = tok(prompt, add_special_tokens=False)["input_ids"]
+        self._sep = tok("\n", add_special_tokens=False)["input_ids"]
+        bos, pad = tok.bos_token_id, tok.pad_token_id
+        # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
+        self._bos = [bos] if kind == "layerwise" or (bos is not None and bos != pad) else []
+        self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
+        self._local = threading.local()
+        if kind == "llm":
+            self._yes = self.flag.yes_loc
+            takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._last_only = {"logits_to_keep": 1} if takes_keep else {}  # no vocabulary-wide logits per token
+        else:
+            self._cutoff = [config.cutoff_layer] if config.cutoff_layer else [self.model.config.num_hidden_layers]
+
+    def _load(self, config: Config, path: str, kind: str) -> FlagLLMReranker | LayerWiseFlagLLMReranker:
+        if config.cutoff_layer and kind != "layerwise":
+            log.warning("--cutoff-layer applies to layer-wise rerankers only; ignored for %s", path)
+        kwargs: dict[str, Any] = {
+            "use_fp16": self.fp16,
+            "devices": [self.device],  # one device: the class would otherwise start a multi-GPU process pool
+            "batch_size": config.batch_size or CPU_BATCH_SIZE,
+            "max_length": config.max_length,
+        }
+        if kind == "layerwise" and config.cutoff_layer:
+            kwargs["cutoff_layers"] = [config.cutoff_layer]
+        _quiet_progress_bars()
+        try:
+            return load_flag_reranker(path, kind, **kwargs)
+        except ModelLoadError:
+            raise
+        except OSError as exc:
+            raise ModelLoadError(f"could not load model {path!r}: {exc}. {_offline_help(path)}") from None
+        except Exception as exc:  # a checkpoint the class cannot use
+            raise ModelLoadError(f"could not load model {path!r} as a {kind} reranker: {exc}") from None
+
+    def _check_limits(self, config: Config, path: str) -> None:
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        if limit and config.max_length > limit:
+            raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
+        if self.kind == "layerwise":
+            first, last = self.model.config.start_layer, self.model.config.num_hidden_layers
+            if config.cutoff_layer and not first <= config.cutoff_layer <= last:
+                raise ModelLoadError(
+                    f"--cutoff-layer {config.cutoff_layer} is outside {path}'s scoring layers {first}..{last}"
+                )
+
+    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Prompted]:
+        """Tokenize pairs exactly as compute_score does, in two batched tokenizer calls."""
+        max_length = max_length or self.max_length
+        query_max = self.flag.query_max_length or max_length * 3 // 4
+        detailed = self.flag.get_detailed_inputs([list(p) for p in pairs])  # "A: " / "B: " instructions
+        tok = self.thread_tokenizer()
+        unique = list(dict.fromkeys(q for q, _ in detailed))  # candidates of one query share it
+        q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
+        by_query = dict(zip(unique, q_ids, strict=True))
+        d_ids = tok([d for _, d in detailed], add_special_tokens=False, max_length=max_length, truncation=True)
+        limit = max_length + len(self._sep) + len(self._prompt)
+        return [self._join(tok, by_query[q], d, limit) for (q, _), d in zip(detailed, d_ids["input_ids"], strict=True)]
+
+    def _join(self, tok: Any, query: list[int], passage: list[int], limit: int) -> Prompted:
+        item = prepare_for_model_compat(
+            tok,
+            self._bos + query,
+            self._sep + passage,
+            truncation="only_second",
+            max_length=limit,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            add_special_tokens=False,
+        )
+        return Prompted(list(item["input_ids"]) + self._sep + self._prompt)
+
+    def _collate(self, batch: Sequence[Prompted]) -> dict[str, torch.Tensor]:
+        """Left-pad to a multiple of 8 (as the Collater); positions count real tokens only, from 0."""
+        width = -(-max(len(e) for e in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, e in enumerate(batch):
+            ids[row, width - len(e) :] = e.input_ids
+            mask[row, width - len(e) :] = 1
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
+        arrays = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        return {k: torch.from_numpy(a) for k, a in arrays.items()}
+
+    def _scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last token's "Yes" logit (llm) or the cutoff layer's score (layerwise), one per row, as float32."""
+        if self.kind == "llm":
+            logits = self.model(**inputs, use_cache=False, **self._last_only).logits
+            return logits[:, -1, self._yes].float()
+        out = self.model(**inputs, use_cache=False, cutoff_layers=self._cutoff)
+        return out.logits[0][:, -1].float()
+
+    def launch(self, batch: Sequence[Prompted]) -> Callable[[], list[float]]:
+        """Start the forward pass of one batch; the returned function waits for its raw scores (see RerankerModel)."""
+        inputs = self._collate(batch)
+        with torch.inference_mode():
+            if not self._cuda:
+                scores = self._scores(inputs).tolist()
+                return lambda: scores
+            inputs = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in inputs.items()}
+            out = torch.empty(len(batch), dtype=torch.float32, pin_memory=True)
+            out.copy_(self._scores(inputs), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+
+        def collect() -> list[float]:
+            done.synchronize()
+            inputs.clear()
+            return out.tolist()
+
+        return collect
