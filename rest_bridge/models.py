@@ -364,7 +364,7 @@ class CohereV1RerankRequest(_Request):
         description="Object fields to rank on, in order (default: text); several become 'key: value' lines.",
     )
     return_documents: bool | None = Field(False, description="Return each document as sent.")
-    max_chunks_per_doc: Annotated[int, Field(ge=1)] | None = Field(
+    max_chunks_per_doc: Annotated[int, Field(ge=1, le=2**32 - 1)] | None = Field(  # a uint32 on the wire
         None, description="Score long documents by their best window, at most this many windows each."
     )
     raw_scores: bool | None = Field(False, description="Raw logits instead of sigmoid scores.")

@@ -108,7 +108,7 @@ async def test_server_rest_port_bridge_takes_the_shared_deadline_setting(model_d
     config = load_config(["--model", str(model_dir), "--rest-port", "0"], {"RERANKER_REST_DEADLINE_S": "45"})
     assert config.rest_deadline_s == 45.0  # the same variable as python -m rest_bridge's --deadline-s
     config = dataclasses.replace(config, host="127.0.0.1", rest_port=free_port())
-    runner = await _start_bridge(config, grpc_port=free_port())
+    runner = await _start_bridge(config, grpc_target=f"127.0.0.1:{free_port()}")
     try:
         assert runner.app[CONFIG_KEY].deadline_s == 45.0
     finally:
