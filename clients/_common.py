@@ -116,6 +116,14 @@ class Usage:
     tokens: int
     queue_ms: float
     inference_ms: float
+    windows: int = 0  # pairs fed to the model: more than `pairs` when long passages were chunked
+
+
+LONG_DOCUMENTS = {
+    "truncate": pb.LONG_DOCUMENTS_TRUNCATE,
+    "chunk": pb.LONG_DOCUMENTS_CHUNK,
+    "truncate_left": pb.LONG_DOCUMENTS_TRUNCATE_LEFT,
+}
 
 
 @dataclass(frozen=True)
@@ -197,9 +205,13 @@ def rerank_request(
     return_documents: bool,
     max_length: int | None,
     model: str = "",
+    long_documents: str = "truncate",
+    max_windows_per_doc: int | None = None,
 ) -> pb.RerankRequest:
     if not isinstance(query, str):
         raise invalid(f"query must be a string, got {type(query).__name__}")
+    if long_documents not in LONG_DOCUMENTS:
+        raise invalid(f"long_documents must be one of {', '.join(LONG_DOCUMENTS)}, got {long_documents!r}")
     return pb.RerankRequest(
         query=query,
         candidates=_texts(candidates, "candidates"),
@@ -208,6 +220,8 @@ def rerank_request(
         return_documents=return_documents,
         max_length=_optional_positive(max_length, "max_length"),
         model=model,
+        long_documents=LONG_DOCUMENTS[long_documents],
+        max_windows_per_doc=_optional_positive(max_windows_per_doc, "max_windows_per_doc"),
     )
 
 
@@ -266,7 +280,7 @@ def rerank_result(resp: pb.RerankResponse, return_documents: bool) -> RerankResu
         results=[RankedResult(r.index, r.score, r.document if return_documents else None) for r in resp.results],
         scores=list(resp.scores),
         model=resp.model,
-        usage=Usage(u.pairs, u.tokens, u.queue_ms, u.inference_ms),
+        usage=Usage(u.pairs, u.tokens, u.queue_ms, u.inference_ms, u.windows),
     )
 
 

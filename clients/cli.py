@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--return-documents", action="store_true", help="include each candidate's text")
     rerank.add_argument("--max-length", type=int, help="tokens per pair (at most the server's limit)")
     rerank.add_argument("--model", default="", help="which loaded model scores it (default: the server's default)")
+    rerank.add_argument(
+        "--long-documents",
+        choices=("truncate", "chunk", "truncate_left"),
+        default="truncate",
+        help="a passage too long for one pair: truncate it (%(default)s), score its best window, or keep its end",
+    )
     health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default=SERVICE_NAME, help="service to check (%(default)s; '' = server)")
     info = sub.add_parser("info", parents=[common], help="model, device, dtype, revision and request limits")
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 return_documents=args.return_documents,
                 max_length=args.max_length,
                 model=args.model,
+                long_documents=args.long_documents,
             )
             _print(asdict(result))
             return 0

@@ -163,9 +163,15 @@ class RerankerClient(_Base):
         return_documents: bool = False,
         max_length: int | None = None,
         model: str = "",
+        long_documents: str = "truncate",
+        max_windows_per_doc: int | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
-        """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores."""
+        """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores.
+
+        `long_documents`: "truncate" (FlagReranker's behaviour), "chunk" (a long passage scores as its best window) or
+        "truncate_left" (keep its end).
+        """
         req = rerank_request(
             query,
             candidates,
@@ -174,6 +180,8 @@ class RerankerClient(_Base):
             return_documents=return_documents,
             max_length=max_length,
             model=model,
+            long_documents=long_documents,
+            max_windows_per_doc=max_windows_per_doc,
         )
         return rerank_result(self._call(self._stub.Rerank, req, timeout), return_documents)
 
@@ -278,9 +286,15 @@ class AsyncRerankerClient(_Base):
         return_documents: bool = False,
         max_length: int | None = None,
         model: str = "",
+        long_documents: str = "truncate",
+        max_windows_per_doc: int | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
-        """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores."""
+        """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores.
+
+        `long_documents`: "truncate" (FlagReranker's behaviour), "chunk" (a long passage scores as its best window) or
+        "truncate_left" (keep its end).
+        """
         req = rerank_request(
             query,
             candidates,
@@ -289,6 +303,8 @@ class AsyncRerankerClient(_Base):
             return_documents=return_documents,
             max_length=max_length,
             model=model,
+            long_documents=long_documents,
+            max_windows_per_doc=max_windows_per_doc,
         )
         return rerank_result(await self._call(self._stub.Rerank, req, timeout), return_documents)
 

@@ -145,3 +145,17 @@ async def test_max_windows_per_doc_needs_chunk(stub: pb_grpc.RerankerStub) -> No
         await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=["a"], max_windows_per_doc=3))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "applies only with long_documents=LONG_DOCUMENTS_CHUNK" in (err.value.details() or "")
+
+
+async def test_client_chunks_long_passages(server: Any, flag_reranker: Any) -> None:
+    """The Python client's long_documents: "chunk" scores a long passage by its best window; usage counts windows."""
+    from clients import AsyncRerankerClient, InvalidRequestError
+
+    long = " ".join(SENTENCES) * 6
+    async with AsyncRerankerClient(f"127.0.0.1:{server.port}") as client:
+        cut = await client.rerank("what is panda?", [long, "hi"], max_length=64)
+        chunked = await client.rerank("what is panda?", [long, "hi"], max_length=64, long_documents="chunk")
+        assert chunked.usage.windows > chunked.usage.pairs == 2
+        assert chunked.scores[0] >= cut.scores[0] and chunked.scores[1] == pytest.approx(cut.scores[1], abs=1e-6)
+        with pytest.raises(InvalidRequestError, match="long_documents"):
+            await client.rerank("q", ["a"], long_documents="middle")
