@@ -216,22 +216,23 @@ def main() -> None:
     started = time.perf_counter()
     os.environ.update({k: v for k, v in ENV.items() if k != "TOKENIZERS_PARALLELISM"})  # the server parallelizes
     cuda = args.device.startswith("cuda")
+    device = "cuda:0" if args.device == "cuda" else args.device  # FlagReranker wants an indexed device
     shape = args.shape or ("base" if cuda else "tiny")
     model = model_dir(shape, args.model)
     loads = workloads(model, args.clients, args.per_client or (10 if cuda else 2), args.big)
     pairs = pairs_of(loads[0])
-    results: dict[str, Any] = {"ceiling": ceiling(model, args.device, pairs)}
+    results: dict[str, Any] = {"ceiling": ceiling(model, device, pairs)}
     print(f"ceiling {results['ceiling']['pairs_per_s']:,.0f} pairs/s", flush=True)
-    results["compute_score"], reference = compute_score(model, args.device, pairs)
+    results["compute_score"], reference = compute_score(model, device, pairs)
     print(f"compute_score {results['compute_score']['pairs_per_s']:,.0f} pairs/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="rerank-gpu-") as tmp:
-        results["server"], served, startup = server(model, args.device, loads, Path(tmp))
+        results["server"], served, startup = server(model, device, loads, Path(tmp))
     results["parity"] = max(abs(a - b) for a, b in zip(sum(served, []), reference, strict=False))
     print(f"server {[round(v['pairs_per_s']) for v in results['server'].values()]} pairs/s", flush=True)
-    results["infinity"] = "skipped (--no-infinity)" if args.no_infinity else infinity(model, args.device, loads)
+    results["infinity"] = "skipped (--no-infinity)" if args.no_infinity else infinity(model, device, loads)
     print(f"infinity {results['infinity']}", flush=True)
     env = machine("") | {
-        "device_name": _device_name(args.device),
+        "device_name": _device_name(device),
         "shape": shape,
         "dtype": "fp16" if cuda else "fp32",
         "startup": startup.split("serving ", 1)[-1][:400],
