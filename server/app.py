@@ -103,7 +103,6 @@ class RerankServer:
         self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
         # The tokenizer's Rust calls release the GIL: requests tokenize in parallel, never on the event loop.
         self._tokenize_pool = ThreadPoolExecutor(config.tokenize_workers, thread_name_prefix="tokenize")
-        self.batching: Batching | None = None  # the default model's batch budgets
         self.reloader = ModelReloader(self)
 
     async def bind(self) -> int:
@@ -145,7 +144,6 @@ class RerankServer:
             engine = self._engines.pop(name, None) or await self.load_engine(name, spec)
             self.service.models[name] = await self.serve_model(name, engine)
         default = self.service.models[self.config.default_model]
-        self.batching = default.batching
         self.metrics.watch_queue(lambda: sum(s.batcher.queued_pairs for s in self.service.models.values()))
         engine = default.engine
         device, dtype = str(engine.device), str(engine.dtype)
@@ -181,6 +179,11 @@ class RerankServer:
         batcher.start()
         return Scoring(engine, batcher, self._tokenize_pool, b)
 
+    @property
+    def batching(self) -> Batching | None:
+        """The default model's batch budgets, once it is loaded (a reload may change them)."""
+        return self.service.scoring.batching if self.service.scoring else None
+
     def batcher(self, name: str = "") -> Batcher[Any] | None:
         """The batcher of a model (default: the default model), None until it is loaded."""
         scoring = self.service.models.get(name or self.config.default_model)
@@ -188,7 +191,7 @@ class RerankServer:
 
     def _startup_fields(self) -> dict[str, object]:
         """Ports and limits for the one startup line; never the API key itself."""
-        c = self.config
+        c, b = self.config, self.batching
         return {
             "models": ", ".join(
                 f"{n}={s.engine.path} ({s.engine.device}, {s.engine.dtype}, {_millions(s.engine.parameters)} params)"
@@ -200,9 +203,9 @@ class RerankServer:
             "tls": "mutual" if c.tls_client_ca else c.tls,
             "api_key": bool(c.api_key),
             "max_length": c.max_length,
-            "batch_size": self.batching.batch_size if self.batching else c.batch_size,
-            "max_batch_tokens": self.batching.max_batch_tokens if self.batching else c.max_batch_tokens,
-            "batching": self.batching.source if self.batching else "",
+            "batch_size": b.batch_size if b else c.batch_size,
+            "max_batch_tokens": b.max_batch_tokens if b else c.max_batch_tokens,
+            "batching": b.source if b else "",
             "tokenize_threads": c.tokenize_workers,
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,

@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -159,12 +160,12 @@ class Config:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
-    @property
+    @cached_property  # read on every request: parsed once
     def models(self) -> list[tuple[str, str]]:
         """(name, path or hub id) of every model to serve; the first is the default."""
         return parse_models(self.model)
 
-    @property
+    @cached_property
     def default_model(self) -> str:
         return self.models[0][0]
 

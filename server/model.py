@@ -231,10 +231,22 @@ def load_engine(config: Config, model: str, name: str) -> Any:
     """Load `model` (hub id or directory) under `name` with the class its kind needs (config.json, --model-type)."""
     from server.llm_model import LLMRerankerModel, model_kind
 
-    kind = model_kind(resolve_model_path(model), config.model_type)
+    path = resolve_model_path(model)  # once: for a hub id it probes the network
+    kind = model_kind(path, config.model_type)
     if kind == "cross-encoder":
-        return RerankerModel(config, model, name)
-    return LLMRerankerModel(config, resolve_model_path(model), kind, name)
+        return RerankerModel(config, path, name)
+    return LLMRerankerModel(config, path, kind, name)
+
+
+def _cut_one(tokenize: Callable[[str], Any]) -> Encoded:
+    """compute_score's `only_second` truncation, or cutting both texts where that raises."""
+    try:
+        item = tokenize("only_second")
+    except Exception:
+        # The decode/re-encode round trip can lengthen the query past max_length, where cutting the
+        # passage alone is not enough (FlagReranker itself raises); cut both instead.
+        item = tokenize("longest_first")
+    return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
 
 
 class RerankerModel:
@@ -349,21 +361,12 @@ class RerankerModel:
         return tok.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _pair_one(self, tok: Any, query: str, passage: str, max_length: int) -> Encoded:
-        """One decoded pair: compute_score's `only_second`, or cut both where that raises."""
-        try:
-            item = tok(query, passage, truncation="only_second", max_length=max_length, padding=False)
-        except Exception:
-            # The decode/re-encode round trip can lengthen the query past max_length, where cutting the
-            # passage alone is not enough (FlagReranker itself raises); cut both instead.
-            item = tok(query, passage, truncation="longest_first", max_length=max_length, padding=False)
-        return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
+        """One decoded pair, as compute_score tokenizes it (see _cut_one)."""
+        return _cut_one(lambda how: tok(query, passage, truncation=how, max_length=max_length, padding=False))
 
     def _join_one(self, tok: Any, q: list[int], d: list[int], max_length: int) -> Encoded:
-        try:
-            item = prepare_for_model_compat(tok, q, d, truncation="only_second", max_length=max_length)
-        except Exception:
-            item = prepare_for_model_compat(tok, q, d, truncation="longest_first", max_length=max_length)
-        return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
+        """One pair of ids joined at id level (transformers 4), as compute_score does (see _cut_one)."""
+        return _cut_one(lambda how: prepare_for_model_compat(tok, q, d, truncation=how, max_length=max_length))
 
     def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Pad a batch as `tokenizer.pad` does (same values, same side), in numpy: no per-token Python."""
@@ -420,14 +423,13 @@ class RerankerModel:
 
     def batching(self, config: Config) -> Batching:
         """The flags' budgets where given (non-zero), else ones that fit this device."""
-        if not self._cuda:
-            size, tokens, how = CPU_BATCH_SIZE, CPU_BATCH_TOKENS, "cpu defaults"
-        else:
-            size, tokens, how = self._cuda_budget(config.max_length)
-        chosen = Batching(config.batch_size or size, config.max_batch_tokens or tokens, how)
         if config.batch_size and config.max_batch_tokens:
-            return Batching(chosen.batch_size, chosen.max_batch_tokens, "flags")
-        return chosen
+            return Batching(config.batch_size, config.max_batch_tokens, "flags")
+        if self._cuda:
+            size, tokens, how = self._cuda_budget(config.max_length)
+        else:
+            size, tokens, how = CPU_BATCH_SIZE, CPU_BATCH_TOKENS, "cpu defaults"
+        return Batching(config.batch_size or size, config.max_batch_tokens or tokens, how)
 
     def _cuda_budget(self, max_length: int) -> tuple[int, int, str]:
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))

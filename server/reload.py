@@ -64,8 +64,6 @@ class ModelReloader:
             srv.metrics.model_reloads.labels(name, "failed").inc()
             return "failed"
         srv.service.models[name] = fresh  # the swap: calls from now on get the new weights
-        if name == srv.config.default_model:
-            srv.batching = fresh.batching
         srv.metrics.model_reloads.labels(name, "ok").inc()
         log.info("model %s reloaded: revision %s -> %s", name, current.engine.revision, engine.revision)
         self._spawn(current.batcher.close_when_idle(RETIRE_TIMEOUT_S))

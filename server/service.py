@@ -19,10 +19,9 @@ from server.batcher import Batcher
 from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
 from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
+from server.interceptors import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
 from server.stream import answer_stream
-
-MAX_REQUEST_ID_CHARS = 128
 
 
 class Engine(Protocol):
@@ -52,7 +51,7 @@ class Scoring:
     engine: Engine
     batcher: Batcher[Any]
     tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
-    batching: Any = None  # the budgets the batcher was given (server.model.Batching)
+    batching: Any  # the budgets the batcher was given and where they came from (server.model.Batching)
 
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
