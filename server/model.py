@@ -218,13 +218,36 @@ def _model_token_limit(flag: FlagReranker) -> int:
     return int(getattr(flag.model.config, "max_position_embeddings", 512))
 
 
-def _decodes_in_rust(tokenizer: object) -> bool:
-    """True when the tokenizer's decode is exactly its Rust backend's decode (transformers 5, not overridden)."""
+def _calls_rust_directly(tokenizer: object) -> bool:
+    """True when calling the tokenizer is exactly calling its Rust backend: transformers 5's TokenizersBackend, with
+    none of the steps between the two (call, encode, convert, truncation set-up, decode) overridden."""
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:
         return False
-    return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
+    if not isinstance(tokenizer, TokenizersBackend) or hasattr(tokenizer, "_switch_to_input_mode"):
+        return False
+    steps = ("__call__", "_get_padding_truncation_strategies", "_encode_plus", "set_truncation_and_padding")
+    steps += ("_convert_encoding", "_decode")
+    return all(getattr(type(tokenizer), m) is getattr(TokenizersBackend, m) for m in steps)
+
+
+def _round_trip(rust: Any, texts: list[str], limit: int, side: str) -> list[tuple[str, Any]]:
+    """Each text cut to `limit` tokens and decoded (special tokens kept), with the encoding of that decoded text."""
+    rust.enable_truncation(limit, stride=0, strategy="longest_first", direction=side)
+    first = rust.encode_batch(texts, add_special_tokens=False)
+    decoded = rust.decode_batch([e.ids for e in first], skip_special_tokens=False)
+    # A text that came back unchanged and was not cut would encode to what it already has; the others again.
+    again = [
+        i
+        for i, (text, back, e) in enumerate(zip(texts, decoded, first, strict=True))
+        if back != text or len(e) >= limit
+    ]
+    if again:
+        rust.no_truncation()
+        for i, e in zip(again, rust.encode_batch([decoded[i] for i in again], add_special_tokens=False), strict=True):
+            first[i] = e
+    return list(zip(decoded, first, strict=True))
 
 
 def load_engine(config: Config, model: str, name: str) -> Any:
@@ -297,7 +320,11 @@ class RerankerModel:
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
-        self._rust_decode = _decodes_in_rust(self.tokenizer)
+        self._rust = _calls_rust_directly(self.tokenizer)
+        # What transformers returns beside input_ids, and the Rust Encoding's name for it.
+        names = self.tokenizer.model_input_names
+        pieces = {"token_type_ids": "type_ids", "attention_mask": "attention_mask"}
+        self._extra_keys = {k: attr for k, attr in pieces.items() if k in names}
         self._local = threading.local()
 
     def thread_tokenizer(self) -> Any:
@@ -315,14 +342,16 @@ class RerankerModel:
         """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
 
         compute_score truncates query (to 3/4 of max_length) and passage ids apart, and under transformers 5
-        decodes both back to text and tokenizes the pair again (`prepare_for_model_compat`). Each step here is
-        one batched Rust call over all pairs, which gives the same ids as that per-pair path.
+        decodes both back to text and tokenizes the pair again (`prepare_for_model_compat`). Here each step is one
+        batched call over all pairs, which gives the same ids as that per-pair path (tests/test_tokenize.py).
         """
         max_length = max_length or self.max_length
         query_max = self.flag.query_max_length or max_length * 3 // 4
         pairs = self.flag.get_detailed_inputs([list(p) for p in pairs])
         tok = self.thread_tokenizer()
-        # Candidates of one query share it: each distinct query is tokenized and decoded once.
+        if self._rust:
+            return self._encode_rust(tok, pairs, query_max, max_length)
+        # Another tokenizer: the same steps through its Python layer, the pairs joined one by one.
         unique = list(dict.fromkeys(p[0] for p in pairs))
         q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
         passages = [p[1] for p in pairs]
@@ -330,35 +359,44 @@ class RerankerModel:
         if callable(getattr(tok, "prepare_for_model", None)):  # transformers 4: id-level joining, no round trip
             by_query = dict(zip(unique, q_ids, strict=True))
             return [self._join_one(tok, by_query[p[0]], d, max_length) for p, d in zip(pairs, d_ids, strict=True)]
-        decoded = dict(zip(unique, self._decode(tok, q_ids), strict=True))
-        q_text = [decoded[p[0]] for p in pairs]
-        d_text = self._decode(tok, d_ids)
-        # An empty text is no pair to the tokenizer's Python layer but one to its Rust batch: settle those alone.
-        whole = [i for i, (q, d) in enumerate(zip(q_text, d_text, strict=True)) if q and d]
-        out = [
-            self._pair_one(tok, q, d, max_length) if not (q and d) else None
-            for q, d in zip(q_text, d_text, strict=True)
-        ]
-        try:
-            joined = tok(
-                [q_text[i] for i in whole],
-                [d_text[i] for i in whole],
-                truncation="only_second",
-                max_length=max_length,
-                padding=False,
-            )
-        except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
-            return [self._pair_one(tok, q, d, max_length) for q, d in zip(q_text, d_text, strict=True)]
-        keys = [k for k in joined if k != "input_ids"]
-        for row, i in enumerate(whole):
-            out[i] = Encoded(joined["input_ids"][row], {k: joined[k][row] for k in keys})
-        return out  # type: ignore[return-value]  # every place is filled
+        keep = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+        decoded = dict(zip(unique, tok.batch_decode(q_ids, **keep), strict=True))
+        d_text = tok.batch_decode(d_ids, **keep)
+        return [self._pair_one(tok, decoded[p[0]], d, max_length) for p, d in zip(pairs, d_text, strict=True)]
 
-    def _decode(self, tok: Any, ids: list[list[int]]) -> list[str]:
-        """`decode` of each id list with special tokens kept and no clean-up, as FlagEmbedding's round trip does."""
-        if self._rust_decode:  # the same call transformers makes per list, batched and without its Python checks
-            return tok.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
-        return tok.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def _encode_rust(self, tok: Any, pairs: list[list[str]], query_max: int, max_length: int) -> list[Encoded]:
+        """encode's steps as the calls transformers makes on the (thread's own) Rust tokenizer, each one batched.
+
+        Encoding a pair is encoding each text, then cutting the second to fit and adding the special tokens
+        (`post_process`): so each distinct decoded text is encoded once, and a text that came back from its round
+        trip unchanged and uncut keeps the encoding it already has.
+        """
+        rust = tok.backend_tokenizer
+        side = tok.truncation_side
+        rust.no_padding()
+        if rust.encode_special_tokens != tok.split_special_tokens:
+            rust.encode_special_tokens = tok.split_special_tokens
+        unique = list(dict.fromkeys(q for q, _ in pairs))
+        by_query = dict(zip(unique, _round_trip(rust, unique, query_max, side), strict=True))
+        passages = _round_trip(rust, [d for _, d in pairs], max_length, side)
+        texts = [(by_query[q], d) for (q, _), d in zip(pairs, passages, strict=True)]
+        out: list[Encoded | None] = [None] * len(pairs)
+        # An empty text is no pair to the tokenizer's Python layer: compute_score's own call settles those.
+        whole = [i for i, ((q, _), (d, _)) in enumerate(texts) if q and d]
+        rust.enable_truncation(max_length, stride=0, strategy="only_second", direction=side)
+        try:
+            if "token_type_ids" in self._extra_keys:  # the second text's type ids are set while encoding a pair
+                joined = rust.encode_batch([(texts[i][0][0], texts[i][1][0]) for i in whole])
+            else:
+                joined = [rust.post_process(texts[i][0][1], texts[i][1][1], add_special_tokens=True) for i in whole]
+            for i, e in zip(whole, joined, strict=True):
+                out[i] = Encoded(e.ids, {k: getattr(e, attr) for k, attr in self._extra_keys.items()})
+        except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
+            out = [None] * len(pairs)
+        return [
+            e if e is not None else self._pair_one(tok, q, d, max_length)
+            for e, ((q, _), (d, _)) in zip(out, texts, strict=True)
+        ]
 
     def _pair_one(self, tok: Any, query: str, passage: str, max_length: int) -> Encoded:
         """One decoded pair, as compute_score tokenizes it (see _cut_one)."""

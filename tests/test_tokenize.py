@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +18,7 @@ from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import test_config
 from tools.make_model import SENTENCES
 
 # Pieces that stress the decode/re-encode round trip: words the test tokenizer knows, CJK, emoji, combining
@@ -45,14 +51,14 @@ def texts(max_pieces: int) -> st.SearchStrategy[str]:
 
 
 @contextmanager
-def recorded_compute_score_ids() -> Iterator[list[tuple[list[int], bool]]]:
-    """Each pair's ids as compute_score builds them, and whether its own path raised for that pair.
+def recorded_compute_score_ids() -> Iterator[list[tuple[dict[str, list[int]], bool]]]:
+    """Each pair's inputs as compute_score builds them, and whether its own path raised for that pair.
 
     Where FlagReranker's `only_second` raises (the round trip made the query too long) the server cuts both texts
     instead; the recorder does the same so compute_score can go on, and marks the pair.
     """
     original = flag_base.prepare_for_model_compat
-    seen: list[tuple[list[int], bool]] = []
+    seen: list[tuple[dict[str, list[int]], bool]] = []
 
     def record(tokenizer: Any, q: Any, d: Any, **kwargs: Any) -> Any:
         try:
@@ -61,7 +67,7 @@ def recorded_compute_score_ids() -> Iterator[list[tuple[list[int], bool]]]:
         except Exception:
             item = original(tokenizer, q, d, **{**kwargs, "truncation": "longest_first"})
             raised = True
-        seen.append((list(item["input_ids"]), raised))
+        seen.append(({k: list(v) for k, v in item.items()}, raised))
         return item
 
     flag_base.prepare_for_model_compat = record
@@ -75,11 +81,36 @@ def _check_same_ids(engine: Any, flag_reranker: Any, pairs: list[tuple[str, str]
     with recorded_compute_score_ids() as seen:
         flag_reranker.compute_score([list(p) for p in pairs], max_length=max_length)
     ours = engine.encode(pairs, max_length)
-    assert [e.input_ids for e in ours] == [ids for ids, _ in seen]
+    assert [{"input_ids": e.input_ids, **e.extra} for e in ours] == [inputs for inputs, _ in seen]
     for e in ours:
         assert len(e) <= max_length
         assert all(len(v) == len(e) for v in e.extra.values())
     return sum(raised for _, raised in seen)
+
+
+@pytest.fixture(scope="module", params=["rust", "rust, with token_type_ids", "python layer"])
+def paths(
+    request: pytest.FixtureRequest, engine: Any, flag_reranker: Any, model_dir: Path, tmp_path_factory: Any
+) -> Any:
+    """(engine, FlagReranker) for each way encode can go: the Rust calls joining encodings (`post_process`), the Rust
+    calls encoding pairs (a tokenizer that returns token_type_ids), and the tokenizer's Python layer."""
+    from server.model import RerankerModel
+
+    if request.param == "rust":
+        return engine, flag_reranker
+    if request.param == "python layer":
+        other = copy.copy(engine)
+        other._rust, other._local = False, threading.local()
+        return other, flag_reranker
+    typed = tmp_path_factory.mktemp("typed") / "model"
+    shutil.copytree(model_dir, typed)
+    settings_file = typed / "tokenizer_config.json"
+    tokenizer_settings = json.loads(settings_file.read_text())
+    tokenizer_settings["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    settings_file.write_text(json.dumps(tokenizer_settings))
+    other = RerankerModel(test_config(typed))
+    assert other._rust and "token_type_ids" in other._extra_keys
+    return other, other.flag
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,16 +119,14 @@ def _check_same_ids(engine: Any, flag_reranker: Any, pairs: list[tuple[str, str]
     max_length=st.sampled_from(MAX_LENGTHS),
     queries=st.lists(texts(60), min_size=1, max_size=3),
 )
-def test_batched_ids_equal_compute_score(
-    engine: Any, flag_reranker: Any, data: st.DataObject, max_length: int, queries: list[str]
-) -> None:
+def test_batched_ids_equal_compute_score(paths: Any, data: st.DataObject, max_length: int, queries: list[str]) -> None:
     passages = data.draw(st.lists(texts(400), min_size=1, max_size=8))
     pairs = [(queries[i % len(queries)], p) for i, p in enumerate(passages)]
-    raised = _check_same_ids(engine, flag_reranker, pairs, max_length)
+    raised = _check_same_ids(*paths, pairs, max_length)
     event("some pair raised in FlagReranker's own path" if raised else "no pair raised")
 
 
-def test_pairs_where_flagreranker_raises_are_cut_on_both_sides(engine: Any, flag_reranker: Any) -> None:
+def test_pairs_where_flagreranker_raises_are_cut_on_both_sides(paths: Any) -> None:
     # Queries at 3/4 of max_length that the round trip lengthens (here: unknown characters, which decode to
     # '<unk>', and CJK), next to ordinary pairs in one call: the batched call fails as a whole, each pair is exact.
     pairs = [
@@ -106,7 +135,7 @@ def test_pairs_where_flagreranker_raises_are_cut_on_both_sides(engine: Any, flag
         ("hi", "今天天气怎么样 " * 30),
         ("什么 是 " * 10, "hi"),
     ]
-    assert _check_same_ids(engine, flag_reranker, pairs, 16) >= 1
+    assert _check_same_ids(*paths, pairs, 16) >= 1
 
 
 def test_round_trip_matters(engine: Any) -> None:
