@@ -167,9 +167,10 @@ class RerankServer:
 
     async def serve_model(self, name: str, engine: Any) -> Scoring:
         """Warm `engine` up and put a batcher in front of it; models on this device share its inference thread."""
-        await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up)
         c = self.config
-        b = engine.batching(c)
+        b = engine.batching(c)  # before the warm-up: on CUDA it is sized from the memory free
+        await asyncio.to_thread(engine.copy_tokenizer, c.tokenize_workers)
+        await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up, b.batch_size)
         window = max(1024, 8 * b.batch_size)  # room to sort a few batches' worth by length
         limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
         # Each model's worker awaits its launch before queuing another, so models alternate on the one thread.

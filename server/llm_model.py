@@ -34,6 +34,7 @@ from server.model import (
     CPU_BATCH_SIZE,
     ModelLoadError,
     RerankerModel,
+    TokenizerCopies,
     _offline_help,
     _quiet_progress_bars,
     config_kind,
@@ -179,6 +180,7 @@ class LLMRerankerModel:
     score = RerankerModel.score
     warm_up = RerankerModel.warm_up
     thread_tokenizer = RerankerModel.thread_tokenizer
+    copy_tokenizer = RerankerModel.copy_tokenizer
 
     def __init__(self, config: Config, path: str, kind: str, name: str | None = None) -> None:
         if kind not in ("llm", "layerwise"):
@@ -211,7 +213,7 @@ class LLMRerankerModel:
         # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
         self._bos = [bos] if kind == "layerwise" or (bos is not None and bos != pad) else []
         self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
-        self._local = threading.local()
+        self._copies = TokenizerCopies(tok)
         if kind == "llm":
             self._yes = self.flag.yes_loc
             takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import urllib.parse
@@ -272,6 +273,35 @@ def _cut_one(tokenize: Callable[[str], Any]) -> Encoded:
     return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
 
 
+class TokenizerCopies:
+    """A tokenizer's copies, one per tokenizing thread.
+
+    Each tokenizer call sets the Rust tokenizer's truncation on the object itself, so threads sharing one would
+    truncate with each other's settings, or fail ("Already borrowed"); a copy per thread cannot. Copying a large
+    tokenizer takes a while, so the copies are made at load (`make`), not on each thread's first request.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._local = threading.local()
+        self._spare: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def make(self, count: int) -> None:
+        for _ in range(count):
+            self._spare.put(copy.deepcopy(self._tokenizer))
+
+    def get(self) -> Any:
+        """This thread's copy."""
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            try:
+                tok = self._spare.get_nowait()
+            except queue.Empty:
+                tok = copy.deepcopy(self._tokenizer)
+            self._local.tokenizer = tok
+        return tok
+
+
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
 
@@ -325,18 +355,15 @@ class RerankerModel:
         names = self.tokenizer.model_input_names
         pieces = {"token_type_ids": "type_ids", "attention_mask": "attention_mask"}
         self._extra_keys = {k: attr for k, attr in pieces.items() if k in names}
-        self._local = threading.local()
+        self._copies = TokenizerCopies(self.tokenizer)
 
     def thread_tokenizer(self) -> Any:
-        """This thread's own copy of the tokenizer.
+        """This thread's own copy of the tokenizer (see TokenizerCopies)."""
+        return self._copies.get()
 
-        Each tokenizer call sets the Rust tokenizer's truncation on the object itself, so threads sharing one would
-        truncate with each other's settings, or fail ("Already borrowed"); a copy per tokenizing thread cannot.
-        """
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self.tokenizer)
-        return tok
+    def copy_tokenizer(self, threads: int) -> None:
+        """Make the copies of the tokenizer that `threads` tokenizing threads will use."""
+        self._copies.make(threads)
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
         """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
@@ -483,6 +510,10 @@ class RerankerModel:
         size = max(CPU_BATCH_SIZE, min(CUDA_MAX_BATCH_SIZE, tokens // 256))
         return size, tokens, f"cuda: {fit} tokens fit in {CUDA_MEMORY_SHARE:.0%} of {free / 2**30:.1f} GiB free"
 
-    def warm_up(self) -> None:
-        """One forward pass so the first caller does not pay for lazy initialisation."""
+    def warm_up(self, pairs: int = 1) -> None:
+        """Forward passes so the first callers do not pay for lazy initialisation (allocator growth, kernels chosen
+        for a shape): one pair, then a batch of `pairs` pairs of 64 tokens."""
         self.score([("warm up", "a short passage to warm up the model")])
+        if pairs > 1:
+            passage = " ".join(["a passage of many words to warm up the model"] * 16)
+            self.score([("warm up", passage)] * pairs, max_length=min(64, self.max_length))

@@ -40,6 +40,10 @@ class Engine(Protocol):
 
     def thread_tokenizer(self) -> Any: ...
 
+    def copy_tokenizer(self, threads: int) -> None: ...
+
+    def warm_up(self, pairs: int = 1) -> None: ...
+
 
 TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
 

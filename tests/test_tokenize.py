@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,13 +93,13 @@ def paths(
 ) -> Any:
     """(engine, FlagReranker) for each way encode can go: the Rust calls joining encodings (`post_process`), the Rust
     calls encoding pairs (a tokenizer that returns token_type_ids), and the tokenizer's Python layer."""
-    from server.model import RerankerModel
+    from server.model import RerankerModel, TokenizerCopies
 
     if request.param == "rust":
         return engine, flag_reranker
     if request.param == "python layer":
         other = copy.copy(engine)
-        other._rust, other._local = False, threading.local()
+        other._rust, other._copies = False, TokenizerCopies(engine.tokenizer)
         return other, flag_reranker
     typed = tmp_path_factory.mktemp("typed") / "model"
     shutil.copytree(model_dir, typed)
@@ -182,3 +181,27 @@ def test_threads_tokenizing_at_once_get_the_ids_of_one_thread(engine: Any) -> No
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda job: [e.input_ids for e in engine.encode(*job)], jobs))
     assert parallel == serial
+
+
+def test_tokenizer_copies_made_at_load_go_one_to_each_thread(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server import model
+
+    made: list[Any] = []
+    monkeypatch.setattr(model.copy, "deepcopy", lambda tok: made.append(copy.copy(tok)) or made[-1])
+    copies = model.TokenizerCopies(engine.tokenizer)
+    copies.make(2)
+    assert len(made) == 2
+    start = threading.Barrier(3)
+
+    def take(_: int) -> tuple[Any, Any]:
+        start.wait(10)  # three threads at once, so each asks for a copy of its own
+        return copies.get(), copies.get()
+
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(take, range(3)))
+    assert all(first is again for first, again in got)  # a thread keeps its copy
+    assert len(made) == 3  # the third thread copied its own; the other two took the ones made at load
+    assert {id(first) for first, _ in got} == {id(t) for t in made}
