@@ -10,9 +10,10 @@ scores; while a device computes batch k, batch k+1 is already formed, padded and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -79,8 +80,8 @@ class BatchStats:
     failed_batches: int = 0
 
 
-async def _ready(items: Sequence[Item]) -> Sequence[Item]:
-    return items
+async def _whole(items: Sequence[Item]) -> AsyncIterator[Sequence[Item]]:
+    yield items
 
 
 Collect = Callable[[], list[float]]  # waits for a launched batch's scores
@@ -156,13 +157,14 @@ class Batcher(Generic[Item]):
 
     async def submit(self, items: Sequence[Item]) -> BatchResult:
         """Score `items`; scores come back in input order. Raises Overloaded when the queue is full."""
-        return await self.submit_after(len(items), lambda: _ready(items))
+        return await self.submit_after(len(items), lambda: _whole(items))
 
-    async def submit_after(self, count: int, prepare: Callable[[], Awaitable[Sequence[Item]]]) -> BatchResult:
-        """Reserve `count` queue places, then await `prepare()` for the items and queue them.
+    async def submit_after(self, count: int, prepare: Callable[[], AsyncIterator[Sequence[Item]]]) -> BatchResult:
+        """Reserve `count` queue places, then queue the items `prepare()` yields, part by part, in order.
 
         The reservation comes first so that an overloaded server refuses (Overloaded) before it spends
-        any work, such as tokenizing, on a request it cannot queue.
+        any work, such as tokenizing, on a request it cannot queue. Each part queues as soon as it is ready,
+        so the first batches of a large request run while the rest of it is still being tokenized.
         """
         if count == 0:
             return BatchResult([], 0, 0.0, 0.0)
@@ -184,25 +186,38 @@ class Batcher(Generic[Item]):
             log.warning("%d calls still waiting on a retired batcher after %.0f s: stopping it", self._open, timeout_s)
         await self.stop()
 
-    async def _queue_and_wait(self, count: int, prepare: Callable[[], Awaitable[Sequence[Item]]]) -> BatchResult:
+    async def _queue_and_wait(self, count: int, prepare: Callable[[], AsyncIterator[Sequence[Item]]]) -> BatchResult:
+        job: _Job | None = None
+        queued = 0
         try:
-            items = await prepare()
-        finally:
-            self._reserved -= count  # no await between here and queuing: the places pass on atomically
-        if len(items) != count:
-            raise ValueError(f"prepared {len(items)} items for {count} reserved places")
-        if self._closed:
-            raise RuntimeError("the server is shutting down")
-        job = _Job(asyncio.get_running_loop().create_future(), count, time.perf_counter())
-        job.scores = [0.0] * count
-        job.remaining = count
-        self._pending.extend(_Pending(job, i, it, self._length(it)) for i, it in enumerate(items))
-        self._wakeup.set()
-        try:
+            async with contextlib.aclosing(prepare()) as parts:
+                async for part in parts:
+                    if queued + len(part) > count:
+                        raise ValueError(f"prepared more than {count} items for {count} reserved places")
+                    if self._closed:
+                        raise RuntimeError("the server is shutting down")
+                    if job is None:  # submitted when its first pairs queue: the batch-filling wait counts from here
+                        job = _Job(asyncio.get_running_loop().create_future(), count, time.perf_counter())
+                        job.scores = [0.0] * count
+                        job.remaining = count
+                    elif job.abandoned:  # a batch holding its first pairs failed: the rest would be wasted work
+                        break
+                    # No await between releasing the places and queuing the pairs: they pass on atomically.
+                    self._reserved -= len(part)
+                    self._pending.extend(_Pending(job, queued + i, it, self._length(it)) for i, it in enumerate(part))
+                    queued += len(part)
+                    self._wakeup.set()
+            if job is None or (queued != count and not job.abandoned):
+                raise ValueError(f"prepared {queued} items for {count} reserved places")
             return await job.future
-        except asyncio.CancelledError:  # client gone or deadline passed: its pairs leave the queue now
-            self._drop(job)
+        except BaseException:  # failed, or cancelled (client gone, deadline passed): its pairs leave the queue now
+            if job is not None:
+                if not job.future.done():
+                    job.future.cancel()
+                self._drop(job)
             raise
+        finally:
+            self._reserved -= count - queued  # places never filled are given back
 
     def _reserve(self, count: int) -> None:
         held = len(self._pending) + self._reserved

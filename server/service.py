@@ -66,14 +66,27 @@ class Scoring:
 
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, split)
 
-    async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> list[Any]:
-        """Tokenize on the pool; a large request in slices, tokenized in parallel by the pool's threads."""
+    async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
+        """Tokenize on the pool, a large request in slices tokenized in parallel by the pool's threads; each slice
+        in order as soon as it is done, so the batcher starts on the first while the pool tokenizes the rest."""
         loop = asyncio.get_running_loop()
-        slices = [pairs[i : i + TOKENIZE_SLICE] for i in range(0, len(pairs), TOKENIZE_SLICE)]
-        done = await asyncio.gather(
-            *(loop.run_in_executor(self.tokenize_pool, self.engine.encode, s, max_length) for s in slices)
-        )
-        return [e for part in done for e in part]
+        slices = [
+            loop.run_in_executor(self.tokenize_pool, self.engine.encode, pairs[i : i + TOKENIZE_SLICE], max_length)
+            for i in range(0, len(pairs), TOKENIZE_SLICE)
+        ]
+        try:
+            for part in slices:
+                yield await part
+        finally:  # the caller is gone or a slice failed: slices not started yet are not tokenized at all
+            for part in slices:
+                part.cancel()
+                part.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a dropped slice's outcome, so that its error (if any) is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def sigmoid(x: float) -> float:

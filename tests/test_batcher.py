@@ -176,9 +176,9 @@ async def test_full_queue_refuses_at_once_without_preparing(make: Any, model: Fa
     assert batcher.queued_pairs == 10
     prepared: list[int] = []
 
-    async def prepare() -> list[Pair]:
+    async def prepare() -> AsyncIterator[list[Pair]]:
         prepared.append(1)
-        return pairs([99])
+        yield pairs([99])
 
     with pytest.raises(Overloaded, match="10 pairs queued, 1 more would exceed the queue limit of 10"):
         await batcher.submit_after(1, prepare)
@@ -194,9 +194,9 @@ async def test_reserved_places_count_against_the_queue(make: Any, model: FakeMod
     batcher = make(max_queue_pairs=10, max_wait_s=0.0)
     ready = asyncio.Event()
 
-    async def slow_prepare() -> list[Pair]:
+    async def slow_prepare() -> AsyncIterator[list[Pair]]:
         await ready.wait()  # e.g. still tokenizing
-        return pairs(range(8))
+        yield pairs(range(8))
 
     preparing = asyncio.ensure_future(batcher.submit_after(8, slow_prepare))
     await asyncio.sleep(0)
@@ -210,11 +210,65 @@ async def test_reserved_places_count_against_the_queue(make: Any, model: FakeMod
 async def test_failed_prepare_releases_its_places(make: Any) -> None:
     batcher = make(max_queue_pairs=10)
 
-    async def broken() -> list[Pair]:
+    async def broken() -> AsyncIterator[list[Pair]]:
+        yield pairs(range(4))  # the first slice is tokenized and queued, the second fails
         raise ValueError("tokenizer failed")
 
     with pytest.raises(ValueError, match="tokenizer failed"):
         await batcher.submit_after(10, broken)
+    assert batcher.queued_pairs == 0  # the first slice's pairs left the queue with it
+    assert len((await batcher.submit(pairs(range(10)))).scores) == 10
+
+
+async def test_parts_queue_as_they_are_prepared(make: Any, model: FakeModel) -> None:
+    """A large request's first slices are scored while its later ones are still being tokenized."""
+    batcher = make(max_pairs=4, max_wait_s=0.0)
+    second_slice = asyncio.Event()
+
+    async def slices() -> AsyncIterator[list[Pair]]:
+        yield pairs(range(4))
+        await second_slice.wait()
+        yield pairs(range(4, 8))
+
+    request = asyncio.ensure_future(batcher.submit_after(8, slices))
+    await until(lambda: len(model.batches) == 1, 10)  # scored before the second slice exists
+    assert [p.key for p in model.batches[0]] == [0, 1, 2, 3]
+    second_slice.set()
+    assert (await asyncio.wait_for(request, 10)).scores == [float(k) for k in range(8)]
+
+
+async def test_caller_gone_between_parts_gives_back_every_place(make: Any, model: FakeModel) -> None:
+    batcher = make(max_pairs=32, max_queue_pairs=10)
+    first = await block_worker(batcher, model)
+    started = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[list[Pair]]:
+        yield pairs(range(5))
+        started.set()
+        await asyncio.sleep(3600)  # the rest never comes
+        yield pairs(range(5, 9))
+
+    gone = asyncio.ensure_future(batcher.submit_after(9, stalls))
+    await asyncio.wait_for(started.wait(), 10)
+    assert batcher.queued_pairs == 5
+    gone.cancel()  # client disconnected while its request was still being tokenized
+    await asyncio.gather(gone, return_exceptions=True)
+    assert batcher.queued_pairs == 0
+    model.release()
+    await first
+    assert len((await batcher.submit(pairs(range(10)))).scores) == 10  # all ten places are free again
+
+
+async def test_more_items_than_reserved_is_an_error(make: Any) -> None:
+    batcher = make(max_queue_pairs=10)
+
+    async def too_many() -> AsyncIterator[list[Pair]]:
+        yield pairs(range(3))
+        yield pairs(range(3, 6))
+
+    with pytest.raises(ValueError, match="prepared more than 4 items for 4 reserved places"):
+        await batcher.submit_after(4, too_many)
+    assert batcher.queued_pairs == 0
     assert len((await batcher.submit(pairs(range(10)))).scores) == 10
 
 
