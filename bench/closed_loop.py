@@ -86,7 +86,13 @@ def main() -> None:
             spy = subprocess.Popen([*cmd, "--format", "raw", "-o", args.py_spy, "--duration", str(2 * args.repeat)])
         for _ in range(args.repeat):
             r = asyncio.run(drive.grpc_workload(target, load))
-            print(f"{r['pairs_per_s']:,.0f} pairs/s, p50 {r['p50_ms']:.0f} ms", flush=True)
+            queue, inference = r["mean_queue_ms"], r["mean_inference_ms"]
+            rest = r["mean_ms"] - queue - inference
+            print(
+                f"{r['pairs_per_s']:,.0f} pairs/s, p50 {r['p50_ms']:.0f} ms; a request's mean {r['mean_ms']:.1f} ms = "
+                f"queued {queue:.1f} + forward passes {inference:.1f} + outside the batcher {rest:.1f}",
+                flush=True,
+            )
         if spy is not None:
             spy.wait()
 

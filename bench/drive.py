@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import subprocess
 import time
 from typing import Any
@@ -56,11 +57,17 @@ async def grpc_workload(target: str, workload: Workload) -> dict[str, Any]:
         for stub in stubs:  # connect first; not timed
             await stub.Rerank(pb.RerankRequest(query="hi", candidates=["hello"]), timeout=DEADLINE_S)
 
+        usage: list[tuple[float, float]] = []
+
         async def call(i: int, query: str, passages: list[str]) -> None:
             resp = await stubs[i].Rerank(pb.RerankRequest(query=query, candidates=passages), timeout=DEADLINE_S)
             assert len(resp.scores) == len(passages)
+            usage.append((resp.usage.queue_ms, resp.usage.inference_ms))
 
-        return await _clients(workload, call)
+        result = await _clients(workload, call)
+        # Where a request's time went, by the server's own account (Usage): queued, in forward passes, and the rest.
+        queue_ms, inference_ms = (statistics.fmean(u[k] for u in usage) for k in (0, 1))
+        return result | {"mean_queue_ms": queue_ms, "mean_inference_ms": inference_ms}
     finally:
         for ch in channels:
             await ch.close()
