@@ -412,7 +412,9 @@ class RerankerModel:
         whole = [i for i, ((q, _), (d, _)) in enumerate(texts) if q and d]
         rust.enable_truncation(max_length, stride=0, strategy="only_second", direction=side)
         try:
-            if "token_type_ids" in self._extra_keys:  # the second text's type ids are set while encoding a pair
+            # Type ids: a post-processor without a pair template keeps each encoding's own, which only a pair encode
+            # sets (1 for the second text); the usual templates set them anyway, but encoding the pair is sure.
+            if "token_type_ids" in self._extra_keys:
                 joined = rust.encode_batch([(texts[i][0][0], texts[i][1][0]) for i in whole])
             else:
                 joined = [rust.post_process(texts[i][0][1], texts[i][1][1], add_special_tokens=True) for i in whole]

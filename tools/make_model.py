@@ -2,7 +2,8 @@
 
 Tests and benchmarks run offline, so they make their own model instead of downloading one:
 `python -m tools.make_model DIR --shape tiny|base` (an XLM-RoBERTa cross-encoder like bge-reranker), or
-`--kind gemma|qwen2|layerwise` for a tiny decoder-only reranker (FlagLLMReranker, LayerWiseFlagLLMReranker).
+`--kind gemma|qwen2|layerwise` for a tiny decoder-only reranker (FlagLLMReranker, LayerWiseFlagLLMReranker), or
+`--kind bert` for a tiny BERT cross-encoder with a WordPiece tokenizer and token type ids (like ms-marco-MiniLM).
 """
 
 from __future__ import annotations
@@ -77,6 +78,44 @@ def build_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Pa
     )
     torch.manual_seed(seed)
     model = XLMRobertaForSequenceClassification(config)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny BERT cross-encoder: WordPiece, lower-casing, and token type ids 0 for the query and 1 for the passage."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(SENTENCES * 4, trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tok.post_processor = processors.BertProcessing(
+        ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
+    )
+    tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=512)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["BertForSequenceClassification"],
+        initializer_range=0.5,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -202,11 +241,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="the cross-encoder's size")
-    parser.add_argument("--kind", choices=("cross-encoder", "gemma", "qwen2", "layerwise"), default="cross-encoder")
+    kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise")
+    parser.add_argument("--kind", choices=kinds, default="cross-encoder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.kind == "cross-encoder":
         print(build_model(args.directory, args.shape, args.seed))
+    elif args.kind == "bert":
+        print(build_bert_model(args.directory, args.seed))
     elif args.kind == "layerwise":
         print(build_layerwise_model(args.directory, args.seed))
     else:
