@@ -131,3 +131,22 @@ async def test_unexpected_error_is_internal_without_traceback(
         await stub.Rerank(pb.RerankRequest(query="q", candidates=["a"]))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "Traceback" not in err.value.details() and "secret detail" not in err.value.details()
+
+
+async def test_a_bert_cross_encoder_scores_equal_its_flag_reranker(tmp_path: Any) -> None:
+    """A BERT-style model (token type ids, WordPiece, lower-casing) served end to end, not only XLM-R ones."""
+    from server.app import RerankServer
+    from tests.conftest import test_config
+    from tools.make_model import build_bert_model
+
+    srv = RerankServer(test_config(build_bert_model(tmp_path / "bert")))
+    await srv.start()
+    try:
+        flag = srv.service.models[srv.config.default_model].engine.flag
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            resp = await pb_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES))
+        expected = flag.compute_score([[QUERY, c] for c in CANDIDATES])
+        assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+        assert len(set(resp.scores)) == len(CANDIDATES)
+    finally:
+        await srv.stop(0)
