@@ -150,3 +150,19 @@ async def test_a_bert_cross_encoder_scores_equal_its_flag_reranker(tmp_path: Any
         assert len(set(resp.scores)) == len(CANDIDATES)
     finally:
         await srv.stop(0)
+
+
+async def test_a_request_of_several_tokenizing_slices_equals_flag_reranker(
+    stub: pb_grpc.RerankerStub, flag_reranker: Any
+) -> None:
+    """Over TOKENIZE_SLICE pairs: the slices are tokenized apart and queue one by one; every score lands in place."""
+    from server.service import TOKENIZE_SLICE
+
+    words = " ".join(CANDIDATES).split()
+    candidates = [" ".join(words[i % 40 : i % 40 + 3 + i % 17]) for i in range(2 * TOKENIZE_SLICE + 44)]
+    resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=candidates))
+    expected = flag_reranker.compute_score([[QUERY, c] for c in candidates])
+    # Batched apart from compute_score's own batches of 128, padding moves the tiny model's scores by float rounding.
+    assert list(resp.scores) == pytest.approx(expected, abs=2e-5)
+    assert len(set(resp.scores)) > len(candidates) // 2  # distinct enough that a misplaced score would show
+    assert resp.usage.pairs == len(candidates)
