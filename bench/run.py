@@ -136,6 +136,24 @@ def run_servers(model: str, workloads: list[Any], sizes: dict[str, Any], tmp: Pa
     return results
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each system's workload as measured in the run that gave its median pairs/s (overload: the median refusal
+    p99), and (b)/(e) of every run as a note: the VM's speed drifts between minutes, one run is one sample."""
+    middle = (len(runs) - 1) // 2
+    out: dict[str, Any] = {"notes": list(runs[0]["notes"])}
+    for key in "abcde":
+        names = runs[0].get(key, {})
+        out[key] = {n: sorted((r[key][n] for r in runs), key=lambda x: x["pairs_per_s"])[middle] for n in names}
+    out["overload"] = sorted((r["overload"] for r in runs), key=lambda o: o["refusal_p99_ms"])[middle]
+    if len(runs) > 1:
+        each = "; ".join(
+            f"{n} " + ", ".join(f"{r['b'][n]['pairs_per_s'] / r['e'][n]['pairs_per_s']:.2f}" for r in runs)
+            for n in runs[0]["b"]
+        )
+        out["notes"].append(f"Median of {len(runs)} runs per system. (b)/(e) in each run: {each}.")
+    return out
+
+
 def machine(note: str) -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     import torch
@@ -156,9 +174,12 @@ def main() -> None:
     parser.add_argument("--model", help="an existing model directory instead of a generated one")
     parser.add_argument("--big", type=int, help="passages in the big request")
     parser.add_argument("--rounds", type=int, help="requests per client in the concurrent workloads")
+    parser.add_argument("--repeat", type=int, default=1, help="run every system this many times; report medians")
     parser.add_argument("--note", default="", help="a line about the machine, written with the results")
     parser.add_argument("--no-write", action="store_true", help="print the results, leave bench/README.md alone")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be 1 or more")
     mode = "quick" if args.quick else "full"
     sizes = dict(SIZES[mode])
     sizes.update({k: v for k, v in (("big", args.big), ("rounds", args.rounds)) if v})
@@ -169,15 +190,22 @@ def main() -> None:
         tmp = Path(tmp_name)
         workloads = build_workloads(model, sizes)
         save_workloads(workloads, tmp / "workloads.json")
-        results: dict[str, Any] = {"e": run_inproc("engine", model, tmp / "workloads.json", tmp)}
-        print("(e) done", flush=True)
-        results["a"] = run_inproc("flag", model, tmp / "workloads.json", tmp)
-        print("(a) done", flush=True)
-        results |= run_servers(model, workloads, sizes, tmp, args.quick)
-        print("(b) (c) (d) done", flush=True)
+        runs = []
+        for i in range(args.repeat):
+            run: dict[str, Any] = {"e": run_inproc("engine", model, tmp / "workloads.json", tmp)}
+            print(f"(e) done ({i + 1}/{args.repeat})", flush=True)
+            run["a"] = run_inproc("flag", model, tmp / "workloads.json", tmp)
+            print(f"(a) done ({i + 1}/{args.repeat})", flush=True)
+            runs.append(run | run_servers(model, workloads, sizes, tmp, args.quick))
+            print(f"(b) (c) (d) done ({i + 1}/{args.repeat})", flush=True)
+        results = median_of(runs)
         results["costs"] = run_inproc("costs", model, tmp / "workloads.json", tmp)
     env["elapsed_s"] = round(time.perf_counter() - started)
-    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    command = (
+        "python -m bench.run"
+        + (" --quick" if args.quick else "")
+        + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+    )
     text = render(mode, command, env, sizes, workloads, results)
     print(text)
     if not args.no_write:
