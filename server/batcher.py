@@ -50,11 +50,15 @@ class _Job:
     future: asyncio.Future[BatchResult]
     size: int
     submitted: float
-    scores: list[float] = field(default_factory=list)
-    remaining: int = 0
+    scores: list[float] = field(init=False)
+    remaining: int = field(init=False)  # pairs not scored yet
     tokens: int = 0
     started: float | None = None
     inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.scores = [0.0] * self.size
+        self.remaining = self.size
 
     @property
     def abandoned(self) -> bool:
@@ -192,21 +196,12 @@ class Batcher(Generic[Item]):
         try:
             async with contextlib.aclosing(prepare()) as parts:
                 async for part in parts:
-                    if queued + len(part) > count:
-                        raise ValueError(f"prepared more than {count} items for {count} reserved places")
-                    if self._closed:
-                        raise RuntimeError("the server is shutting down")
-                    if job is None:  # submitted when its first pairs queue: the batch-filling wait counts from here
-                        job = _Job(asyncio.get_running_loop().create_future(), count, time.perf_counter())
-                        job.scores = [0.0] * count
-                        job.remaining = count
-                    elif job.abandoned:  # a batch holding its first pairs failed: the rest would be wasted work
+                    # Submitted when its first pairs queue: the batch-filling wait counts from there.
+                    job = job or _Job(asyncio.get_running_loop().create_future(), count, time.perf_counter())
+                    if job.abandoned:  # a batch holding its first pairs failed: the rest would be wasted work
                         break
-                    # No await between releasing the places and queuing the pairs: they pass on atomically.
-                    self._reserved -= len(part)
-                    self._pending.extend(_Pending(job, queued + i, it, self._length(it)) for i, it in enumerate(part))
+                    self._queue_part(job, queued, part)
                     queued += len(part)
-                    self._wakeup.set()
             if job is None or (queued != count and not job.abandoned):
                 raise ValueError(f"prepared {queued} items for {count} reserved places")
             return await job.future
@@ -218,6 +213,16 @@ class Batcher(Generic[Item]):
             raise
         finally:
             self._reserved -= count - queued  # places never filled are given back
+
+    def _queue_part(self, job: _Job, offset: int, part: Sequence[Item]) -> None:
+        """Queue `part` as the job's items from `offset` on, in the places reserved for them."""
+        if offset + len(part) > job.size:
+            raise ValueError(f"prepared more than {job.size} items for {job.size} reserved places")
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        self._reserved -= len(part)  # no await between this and queuing: the places pass on atomically
+        self._pending.extend(_Pending(job, offset + i, it, self._length(it)) for i, it in enumerate(part))
+        self._wakeup.set()
 
     def _reserve(self, count: int) -> None:
         held = len(self._pending) + self._reserved

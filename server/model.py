@@ -219,6 +219,17 @@ def _model_token_limit(flag: FlagReranker) -> int:
     return int(getattr(flag.model.config, "max_position_embeddings", 512))
 
 
+# What transformers 5 runs between a tokenizer call and its Rust backend; a subclass overriding one may differ.
+_RUST_STEPS = (
+    "__call__",
+    "_get_padding_truncation_strategies",
+    "_encode_plus",
+    "set_truncation_and_padding",
+    "_convert_encoding",
+    "_decode",
+)
+
+
 def _calls_rust_directly(tokenizer: object) -> bool:
     """True when calling the tokenizer is exactly calling its Rust backend: transformers 5's TokenizersBackend, with
     none of the steps between the two (call, encode, convert, truncation set-up, decode) overridden."""
@@ -228,9 +239,7 @@ def _calls_rust_directly(tokenizer: object) -> bool:
         return False
     if not isinstance(tokenizer, TokenizersBackend) or hasattr(tokenizer, "_switch_to_input_mode"):
         return False
-    steps = ("__call__", "_get_padding_truncation_strategies", "_encode_plus", "set_truncation_and_padding")
-    steps += ("_convert_encoding", "_decode")
-    return all(getattr(type(tokenizer), m) is getattr(TokenizersBackend, m) for m in steps)
+    return all(getattr(type(tokenizer), m) is getattr(TokenizersBackend, m) for m in _RUST_STEPS)
 
 
 def _round_trip(rust: Any, texts: list[str], limit: int, side: str) -> list[tuple[str, Any]]:
@@ -405,27 +414,24 @@ class RerankerModel:
             rust.encode_special_tokens = tok.split_special_tokens
         unique = list(dict.fromkeys(q for q, _ in pairs))
         by_query = dict(zip(unique, _round_trip(rust, unique, query_max, side), strict=True))
-        passages = _round_trip(rust, [d for _, d in pairs], max_length, side)
-        texts = [(by_query[q], d) for (q, _), d in zip(pairs, passages, strict=True)]
+        q = [by_query[query] for query, _ in pairs]  # (decoded text, its encoding) of each pair's query
+        d = _round_trip(rust, [passage for _, passage in pairs], max_length, side)  # and of each passage
         out: list[Encoded | None] = [None] * len(pairs)
         # An empty text is no pair to the tokenizer's Python layer: compute_score's own call settles those.
-        whole = [i for i, ((q, _), (d, _)) in enumerate(texts) if q and d]
+        whole = [i for i in range(len(pairs)) if q[i][0] and d[i][0]]
         rust.enable_truncation(max_length, stride=0, strategy="only_second", direction=side)
         try:
             # Type ids: a post-processor without a pair template keeps each encoding's own, which only a pair encode
             # sets (1 for the second text); the usual templates set them anyway, but encoding the pair is sure.
             if "token_type_ids" in self._extra_keys:
-                joined = rust.encode_batch([(texts[i][0][0], texts[i][1][0]) for i in whole])
+                joined = rust.encode_batch([(q[i][0], d[i][0]) for i in whole])
             else:
-                joined = [rust.post_process(texts[i][0][1], texts[i][1][1], add_special_tokens=True) for i in whole]
+                joined = [rust.post_process(q[i][1], d[i][1], add_special_tokens=True) for i in whole]
             for i, e in zip(whole, joined, strict=True):
                 out[i] = Encoded(e.ids, {k: getattr(e, attr) for k, attr in self._extra_keys.items()})
         except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
             out = [None] * len(pairs)
-        return [
-            e if e is not None else self._pair_one(tok, q, d, max_length)
-            for e, ((q, _), (d, _)) in zip(out, texts, strict=True)
-        ]
+        return [e if e is not None else self._pair_one(tok, q[i][0], d[i][0], max_length) for i, e in enumerate(out)]
 
     def _pair_one(self, tok: Any, query: str, passage: str, max_length: int) -> Encoded:
         """One decoded pair, as compute_score tokenizes it (see _cut_one)."""

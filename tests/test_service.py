@@ -162,7 +162,8 @@ async def test_a_request_of_several_tokenizing_slices_equals_flag_reranker(
     candidates = [" ".join(words[i % 40 : i % 40 + 3 + i % 17]) for i in range(2 * TOKENIZE_SLICE + 44)]
     resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=candidates))
     expected = flag_reranker.compute_score([[QUERY, c] for c in candidates])
-    # Batched apart from compute_score's own batches of 128, padding moves the tiny model's scores by float rounding.
-    assert list(resp.scores) == pytest.approx(expected, abs=2e-5)
+    # Batched apart from compute_score's own batches of 128 (and how depends on when each slice queues), padding moves
+    # the tiny model's scores by float rounding: up to 2.3e-5 seen.
+    assert list(resp.scores) == pytest.approx(expected, abs=1e-4)
     assert len(set(resp.scores)) > len(candidates) // 2  # distinct enough that a misplaced score would show
     assert resp.usage.pairs == len(candidates)

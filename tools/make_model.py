@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 SENTENCES = [
     "what is panda?",
@@ -52,9 +53,21 @@ def build_tokenizer(vocab_size: int = 400):  # -> XLMRobertaTokenizerFast
     return XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=512)
 
 
+def _save(directory: str | Path, model_class: Any, config: Any, tokenizer: Any, seed: int) -> Path:
+    """Random weights of `model_class` for `config` (seeded), written with the tokenizer to `directory`."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
     """Write a random cross-encoder of the given shape and its tokenizer to `directory`."""
-    import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     layers, hidden, heads, intermediate, vocab = SHAPES[shape]
@@ -76,18 +89,11 @@ def build_model(directory: str | Path, shape: str = "tiny", seed: int = 0) -> Pa
         # sigmoid checks mean something; the base shape keeps the usual 0.02.
         initializer_range=0.5 if shape == "tiny" else 0.02,
     )
-    torch.manual_seed(seed)
-    model = XLMRobertaForSequenceClassification(config)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save(directory, XLMRobertaForSequenceClassification, config, tokenizer, seed)
 
 
 def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
     """A tiny BERT cross-encoder: WordPiece, lower-casing, and token type ids 0 for the query and 1 for the passage."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
@@ -101,12 +107,13 @@ def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
         ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
     )
     tokenizer = BertTokenizer(tokenizer_object=tok, model_max_length=512)
+    layers, hidden, heads, intermediate, _ = SHAPES["tiny"]
     config = BertConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
         max_position_embeddings=512,
         type_vocab_size=2,
         num_labels=1,
@@ -114,13 +121,7 @@ def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
         architectures=["BertForSequenceClassification"],
         initializer_range=0.5,
     )
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save(directory, BertForSequenceClassification, config, tokenizer, seed)
 
 
 # FlagEmbedding's decoder-only prompt and instructions: the tokenizer learns them so the tests' ids stay short.
@@ -167,7 +168,6 @@ def build_llm_model(directory: str | Path, seed: int = 0, arch: str = "gemma") -
 
     gemma: like bge-reranker-v2-gemma (bos before the query, left padding); qwen2: no bos, right padding.
     """
-    import torch
     from transformers import GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     gemma = arch == "gemma"
@@ -184,13 +184,7 @@ def build_llm_model(directory: str | Path, seed: int = 0, arch: str = "gemma") -
         initializer_range=LLM_INIT,
         **LLM_SHAPE,
     )
-    torch.manual_seed(seed)
-    model = model_class(config)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save(directory, model_class, config, tokenizer, seed)
 
 
 def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
