@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from tests.conftest import test_config
+from tests.pki import Pki
 
 QUERY = "what is panda?"
 CANDIDATES = ["hi", "The giant panda is a bear species endemic to China."]
@@ -114,29 +113,13 @@ async def test_api_key_is_sent_as_bearer_metadata() -> None:
         await srv.stop(0)
 
 
-@pytest.fixture
-def tls_cert(tmp_path: Path) -> tuple[bytes, bytes]:
-    """A self-signed (key, certificate) for localhost, made with the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return key.read_bytes(), cert.read_bytes()
-
-
-async def test_tls_with_root_certificates_and_api_key(tls_cert: tuple[bytes, bytes]) -> None:
-    key, cert = tls_cert
+async def test_tls_with_root_certificates_and_api_key(pki: Pki) -> None:
+    key, cert = pki.server_key.read_bytes(), pki.server_cert.read_bytes()
     credentials = grpc.ssl_server_credentials([(key, cert)])
     srv, port = await _key_checking_server(credentials)
     try:
         async with AsyncRerankerClient(
-            f"127.0.0.1:{port}", root_certificates=cert, tls_server_name="localhost", api_key="s3cret"
+            f"127.0.0.1:{port}", root_certificates=pki.ca.read_bytes(), tls_server_name="localhost", api_key="s3cret"
         ) as client:
             assert (await client.model_info()).model == "keyed"
         # The same server refuses a plaintext client.

@@ -81,7 +81,7 @@ async def _drive(target: str, count: int, clients: int = CLIENTS) -> Counter[str
     return outcomes
 
 
-async def test_load_has_no_failures_and_memory_stays_flat(process: ServerProcess) -> None:
+async def test_load_has_no_failures(process: ServerProcess) -> None:
     start = time.monotonic()
     first = await _drive(process.target, FIRST)
     rss_first = rss_kib(process.pid)
@@ -95,8 +95,7 @@ async def test_load_has_no_failures_and_memory_stays_flat(process: ServerProcess
         f"outcomes {dict(outcomes)}; server RSS {rss_first / 1024:.1f} MiB after {FIRST}, "
         f"{rss_total / 1024:.1f} MiB after {TOTAL} ({growth:+.1%})"
     )
-    assert outcomes == {"ok": TOTAL}
-    assert abs(growth) <= 0.10
+    assert outcomes == {"ok": TOTAL}  # memory is reported above, not judged: bench/ holds the memory targets
 
 
 # Text from all of Unicode but surrogates (protobuf strings are UTF-8), NUL and invisible characters included.
@@ -105,14 +104,16 @@ _long = st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=4), st.intege
 # Within every limit: the server must answer these.
 fair_texts = st.one_of(st.text(max_size=40), _odd, _long.map(lambda s: s[:MAX_TEXT_CHARS])).filter(str.strip)
 # Anything: blank, empty, far over the character limit.
-wild_texts = st.one_of(st.text(max_size=40), _odd, _long, st.sampled_from(["", " ", "\x00", "\n\t", "\u3000"]))
+blank = st.sampled_from(["", " ", "\n\t", "\u3000"])
+wild_texts = st.one_of(st.text(max_size=40), _odd, _long, blank, st.just("\x00"))
 uint32 = st.integers(0, 2**32 - 1)
 
 
 @st.composite
 def rerank_requests(draw: st.DrawFn) -> tuple[bool, pb.RerankRequest]:
-    """(within limits, request): three in four keep every rule; the rest break any of them."""
-    fair = draw(st.integers(0, 3)) > 0
+    """(within limits, request): half keep every rule, a quarter break exactly one, a quarter break any of them."""
+    mode = draw(st.sampled_from(["fair", "fair", "one rule broken", "wild"]))
+    fair = mode != "wild"
     texts = fair_texts if fair else wild_texts
     form = draw(st.sampled_from(["candidates", "pairs"] if fair else ["candidates", "pairs", "both", "neither"]))
     many = st.integers(1, MAX_CANDIDATES) if fair else st.integers(0, MAX_CANDIDATES + 4)
@@ -129,7 +130,55 @@ def rerank_requests(draw: st.DrawFn) -> tuple[bool, pb.RerankRequest]:
         req.pairs.extend(pb.Pair(query=draw(texts), passage=draw(texts)) for _ in range(draw(many)))
     if form == "neither":
         req.query = draw(texts)
-    return fair, req
+    if mode == "one rule broken":
+        _break_one_rule(draw, req)
+    return mode == "fair", req
+
+
+def _break_one_rule(draw: st.DrawFn, req: pb.RerankRequest) -> None:
+    """Make a request that keeps every rule break exactly one of them."""
+    rule = draw(st.sampled_from(["long text", "blank text", "too many", "max_length", "both forms", "no candidates"]))
+    if rule in ("long text", "blank text"):
+        bad = "x" * (MAX_TEXT_CHARS + draw(st.integers(1, 100))) if rule == "long text" else draw(blank)
+        i = draw(st.integers(0, 2 * len(req.pairs) - 1 if req.pairs else len(req.candidates)))
+        if req.pairs:
+            setattr(req.pairs[i // 2], "passage" if i % 2 else "query", bad)
+        elif i == 0:
+            req.query = bad
+        else:
+            req.candidates[i - 1] = bad
+    elif rule == "too many":
+        extra = MAX_CANDIDATES + draw(st.integers(1, 4)) - (len(req.pairs) or len(req.candidates))
+        if req.pairs:
+            req.pairs.extend([req.pairs[0]] * extra)
+        else:
+            req.candidates.extend([req.candidates[0]] * extra)
+    elif rule == "max_length":
+        above = st.one_of(st.integers(MAX_LENGTH + 1, MAX_LENGTH + 8), uint32.filter(lambda n: n > MAX_LENGTH))
+        req.max_length = draw(above)
+    elif rule == "both forms":
+        if req.pairs:
+            req.query = "what is panda?"
+        else:
+            req.pairs.append(pb.Pair(query="q", passage="p"))
+    else:
+        del req.candidates[:]
+        del req.pairs[:]
+
+
+def broken_rules(req: pb.RerankRequest) -> list[str]:
+    """The request rules (README, limits above) that `req` breaks; the server must refuse exactly these."""
+    broken = []
+    if req.pairs and (req.query or req.candidates):
+        broken.append("both forms")
+    count = len(req.pairs) or len(req.candidates)
+    if not 0 < count <= MAX_CANDIDATES:
+        broken.append(f"{count} candidates")
+    if req.max_length > MAX_LENGTH:
+        broken.append(f"max_length {req.max_length}")
+    texts = [t for p in req.pairs for t in (p.query, p.passage)] if req.pairs else [req.query, *req.candidates]
+    broken += [f"text of {len(t)} characters" for t in texts if not t.strip() or len(t) > MAX_TEXT_CHARS]
+    return broken
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -138,15 +187,19 @@ def test_random_requests_get_ok_or_invalid_argument(
     blocking_stub: pb_grpc.RerankerStub, case: tuple[bool, pb.RerankRequest]
 ) -> None:
     fair, req = case
+    broken = broken_rules(req)
+    assert not (fair and broken), broken  # the strategy keeps its word
+    event(["breaks no rule", "breaks one rule"][len(broken)] if len(broken) < 2 else "breaks several rules")
     try:
         resp = blocking_stub.Rerank(req, timeout=60)
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
-        assert code == INVALID and not fair, f"{code}: {details}"
+        assert code == INVALID and broken, f"{code}: {details}"
         assert details  # a message that names the problem
         event("INVALID_ARGUMENT")  # `pytest --hypothesis-show-statistics` shows the mix
         return
     event("OK")
+    assert not broken, f"answered a request that breaks {broken}"
     assert is_whole(req, resp)
 
 

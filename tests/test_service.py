@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -10,6 +11,8 @@ import pytest
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
+from server.app import RerankServer
+from tests.conftest import test_config
 
 QUERY = "what is panda?"
 CANDIDATES = [
@@ -75,7 +78,19 @@ async def test_response_carries_model_and_usage(stub: pb_grpc.RerankerStub, mode
     assert resp.usage.pairs == 3
     assert resp.usage.tokens > 3
     assert resp.usage.inference_ms > 0
-    assert resp.usage.queue_ms >= 0
+
+
+async def test_queue_ms_counts_the_wait_for_a_batch_to_fill(model_dir: Path, engine: Any) -> None:
+    """A request smaller than a batch waits --max-wait-ms for company before its forward pass: a lower bound."""
+    srv = RerankServer(test_config(model_dir, max_wait_ms=50.0), engine=engine)
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            resp = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES[:3]))
+        assert resp.usage.queue_ms >= 50.0
+        assert resp.usage.inference_ms > 0
+    finally:
+        await srv.stop(0)
 
 
 async def test_model_info(stub: pb_grpc.RerankerStub, model_dir: Any) -> None:

@@ -241,7 +241,10 @@ async def test_drain_answers_what_was_read_then_closes_with_unavailable(model_di
     accepted = sorted(a.request_id for a in got if a.ok)
     assert accepted == ["a0", "a1", "a2"]  # read before the drain: scored and answered
     # "late" was either never sent (the client saw the drain notice first) or answered as not accepted.
-    assert all(a.request_id == "late" and isinstance(a.error, UnavailableError) for a in got if not a.ok)
+    refused = [a for a in got if not a.ok]
+    assert len(refused) <= 1, got
+    for a in refused:
+        assert a.request_id == "late" and isinstance(a.error, UnavailableError) and "not accepted" in a.error.message
     assert "requests without an answer were not read" in err.value.message
 
 
