@@ -26,6 +26,7 @@ from server.logs import fields
 from server.metrics import Metrics
 from server.reload import ModelReloader
 from server.service import RerankerService, Scoring
+from server.tokenize.tokenizing import Tokenizing, worker_count
 
 if TYPE_CHECKING:
     from server.model import Batching
@@ -101,8 +102,6 @@ class RerankServer:
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer", initializer=_yield_to_event_loop)
         # Waits for the device's results, so the infer thread can queue the next batch meanwhile.
         self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
-        # The tokenizer's Rust calls release the GIL: requests tokenize in parallel, never on the event loop.
-        self._tokenize_pool = ThreadPoolExecutor(config.tokenize_workers, thread_name_prefix="tokenize")
         self.reloader = ModelReloader(self)
 
     async def bind(self) -> int:
@@ -169,8 +168,14 @@ class RerankServer:
         """Warm `engine` up and put a batcher in front of it; models on this device share its inference thread."""
         c = self.config
         b = engine.batching(c)  # before the warm-up: on CUDA it is sized from the memory free
-        await asyncio.to_thread(engine.copy_tokenizer, c.tokenize_workers)
-        await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up, b.batch_size)
+        workers = worker_count(c.tokenize_workers, str(engine.device).startswith("cuda"))
+        tokenizing = Tokenizing(engine, c.tokenize_thread_count, workers, self._worker_died)
+        try:
+            await asyncio.to_thread(tokenizing.start)
+            await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up, b.batch_size)
+        except BaseException:
+            tokenizing.close()
+            raise
         window = max(1024, 8 * b.batch_size)  # room to sort a few batches' worth by length
         limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
         # Each model's worker awaits its launch before queuing another, so models alternate on the one thread.
@@ -178,7 +183,10 @@ class RerankServer:
             engine.launch, self._infer_pool, limits, on_batch=self.metrics.on_batch, collect_executor=self._collect_pool
         )
         batcher.start()
-        return Scoring(engine, batcher, self._tokenize_pool, b)
+        return Scoring(engine, batcher, tokenizing, b)
+
+    def _worker_died(self) -> None:
+        self.metrics.tokenizer_worker_deaths.inc()
 
     @property
     def batching(self) -> Batching | None:
@@ -207,7 +215,7 @@ class RerankServer:
             "batch_size": b.batch_size if b else c.batch_size,
             "max_batch_tokens": b.max_batch_tokens if b else c.max_batch_tokens,
             "batching": b.source if b else "",
-            "tokenize_threads": c.tokenize_workers,
+            "tokenize": self.service.scoring.tokenizing.describe() if self.service.scoring else "",
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,
             "max_candidates": c.max_candidates,
@@ -237,8 +245,8 @@ class RerankServer:
         await self.reloader.stop()
         for scoring in self.service.models.values():
             await scoring.batcher.stop()
+            scoring.tokenizing.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._collect_pool.shutdown(wait=False, cancel_futures=True)
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
         self._local.remove()

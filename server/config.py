@@ -52,6 +52,7 @@ class Config:
     batch_size: int = 0  # pairs per forward pass; 0 = sized for the device (CPU 32, CUDA from free memory)
     max_batch_tokens: int = 0  # padded tokens per forward pass; 0 = sized for the device (CPU 16384)
     tokenize_threads: int = 0  # 0 = half the cores, 1 to 8
+    tokenize_workers: int = -1  # tokenizer processes; 0 = tokenize in this process's threads; -1 = auto (by device)
     max_wait_ms: float = 2.0
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
@@ -124,6 +125,11 @@ class Config:
         for name in ("batch_size", "max_batch_tokens", "tokenize_threads", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (sized for the machine) or positive, got {getattr(self, name)}")
+        if self.tokenize_workers < -1:
+            raise ConfigError(
+                f"tokenize_workers must be auto, 0 (tokenize in-process) or a number of processes, "
+                f"got {self.tokenize_workers}"
+            )
         if self.max_queue_pairs < self.max_candidates:
             raise ConfigError(
                 f"max_queue_pairs ({self.max_queue_pairs}) must be at least max_candidates "
@@ -170,7 +176,7 @@ class Config:
         return self.models[0][0]
 
     @property
-    def tokenize_workers(self) -> int:
+    def tokenize_thread_count(self) -> int:
         return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
@@ -187,6 +193,11 @@ def _parse_bool(text: str) -> bool:
     raise ConfigError("not a boolean: use 1/true/yes/on or 0/false/no/off")
 
 
+def _workers(text: str) -> int:
+    """--tokenize-workers: auto (-1) or a count."""
+    return -1 if text.strip().lower() == "auto" else int(text)
+
+
 def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
     """Config defaults overridden by RERANKER_<FIELD> variables, converted to each field's type."""
     values: dict[str, object] = {}
@@ -199,6 +210,8 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
             values[f.name] = default
         elif f.name == "fp16" and raw.strip().lower() == "auto":
             values[f.name] = None
+        elif f.name == "tokenize_workers" and raw.strip().lower() == "auto":
+            values[f.name] = -1
         elif f.name == "fp16" or isinstance(default, bool):
             try:
                 values[f.name] = _parse_bool(raw)
@@ -268,6 +281,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=int,
         default=d["tokenize_threads"],
         help="threads tokenizing requests; 0 = half the cores, 1 to 8 (%(default)s)",
+    )
+    p.add_argument(
+        "--tokenize-workers",
+        type=_workers,
+        default=d["tokenize_workers"],
+        help="tokenizer processes, so tokenizing never holds the GIL that drives the device; 0 = tokenize in "
+        "--tokenize-threads threads of the server; auto = half the cores (2 to 8) on CUDA, 0 on CPU (default: "
+        f"{'auto' if d['tokenize_workers'] == -1 else d['tokenize_workers']})",
     )
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
     p.add_argument(

@@ -23,6 +23,10 @@ class Draining(NotReady):
     """The server is shutting down and takes no new work."""
 
 
+class WorkerDied(NotReady):
+    """A tokenizer worker process died while it held this request's pairs; a new one is starting."""
+
+
 class Busy(RuntimeError):
     """As many requests as --max-concurrent-rpcs allows are in flight."""
 

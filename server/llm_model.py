@@ -17,7 +17,6 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,14 +26,12 @@ from FlagEmbedding.inference.reranker.decoder_only.models.configuration_minicpm_
 from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reranker import (
     LayerWiseMiniCPMForCausalLM,
 )
-from FlagEmbedding.utils.tokenizer_compat import prepare_for_model_compat
 
 from server.config import MODEL_TYPES, Config
 from server.model import (
     CPU_BATCH_SIZE,
     ModelLoadError,
     RerankerModel,
-    TokenizerCopies,
     _offline_help,
     _quiet_progress_bars,
     config_kind,
@@ -43,6 +40,8 @@ from server.model import (
     read_model_config,
     revision,
 )
+from server.tokenize.exact import Instructions
+from server.tokenize.prompted import Prompted, PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +159,6 @@ def _use_fp16(config: Config, kind: str, on_cuda: bool) -> bool:
     return on_cuda if config.fp16 is None else (config.fp16 and on_cuda)
 
 
-@dataclass(frozen=True)
-class Prompted:
-    """One pair's ids as compute_score builds them: [bos] query, sep passage, sep prompt."""
-
-    input_ids: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
 class LLMRerankerModel:
     """A FlagEmbedding decoder-only reranker on one device; scores equal the class's compute_score."""
 
@@ -181,6 +170,7 @@ class LLMRerankerModel:
     warm_up = RerankerModel.warm_up
     thread_tokenizer = RerankerModel.thread_tokenizer
     copy_tokenizer = RerankerModel.copy_tokenizer
+    encode = RerankerModel.encode
 
     def __init__(self, config: Config, path: str, kind: str, name: str | None = None) -> None:
         if kind not in ("llm", "layerwise"):
@@ -207,13 +197,11 @@ class LLMRerankerModel:
         self.parameters = sum(p.numel() for p in self.model.parameters())
         tok = self.tokenizer
         prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
-        self._prompt = tok(prompt, add_special_tokens=False)["input_ids"]
-        self._sep = tok("\n", add_special_tokens=False)["input_ids"]
         bos, pad = tok.bos_token_id, tok.pad_token_id
         # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
-        self._bos = [bos] if kind == "layerwise" or (bos is not None and bos != pad) else []
+        with_bos = kind == "layerwise" or (bos is not None and bos != pad)
+        self.encoder = PromptEncoder(tok, Instructions.of(self.flag), config.max_length, prompt, with_bos)
         self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
-        self._copies = TokenizerCopies(tok)
         if kind == "llm":
             self._yes = self.flag.yes_loc
             takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -252,33 +240,6 @@ class LLMRerankerModel:
                 raise ModelLoadError(
                     f"--cutoff-layer {config.cutoff_layer} is outside {path}'s scoring layers {first}..{last}"
                 )
-
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Prompted]:
-        """Tokenize pairs exactly as compute_score does, in two batched tokenizer calls."""
-        max_length = max_length or self.max_length
-        query_max = self.flag.query_max_length or max_length * 3 // 4
-        detailed = self.flag.get_detailed_inputs([list(p) for p in pairs])  # "A: " / "B: " instructions
-        tok = self.thread_tokenizer()
-        unique = list(dict.fromkeys(q for q, _ in detailed))  # candidates of one query share it
-        q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
-        by_query = dict(zip(unique, q_ids, strict=True))
-        d_ids = tok([d for _, d in detailed], add_special_tokens=False, max_length=max_length, truncation=True)
-        limit = max_length + len(self._sep) + len(self._prompt)
-        return [self._join(tok, by_query[q], d, limit) for (q, _), d in zip(detailed, d_ids["input_ids"], strict=True)]
-
-    def _join(self, tok: Any, query: list[int], passage: list[int], limit: int) -> Prompted:
-        item = prepare_for_model_compat(
-            tok,
-            self._bos + query,
-            self._sep + passage,
-            truncation="only_second",
-            max_length=limit,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            add_special_tokens=False,
-        )
-        return Prompted(list(item["input_ids"]) + self._sep + self._prompt)
 
     def _collate(self, batch: Sequence[Prompted]) -> dict[str, torch.Tensor]:
         """Left-pad to a multiple of 8 (as the Collater); positions count real tokens only, from 0."""

@@ -66,6 +66,11 @@ class Metrics:
             ["model", "result"],
             registry=r,
         )
+        self.tokenizer_worker_deaths = Counter(
+            "reranker_tokenizer_worker_deaths_total",
+            "Tokenizer worker processes that died (each is replaced; only the slice it held failed)",
+            registry=r,
+        )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
         self.model_info = Info("reranker_model", "The model being served", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...

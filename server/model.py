@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
-import queue
 import socket
-import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,9 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from FlagEmbedding import FlagReranker
-from FlagEmbedding.utils.tokenizer_compat import pad_with_compat, prepare_for_model_compat
+from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
 from server.config import Config
+from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
+
+__all__ = ["Encoded", "TokenizerCopies"]  # their home is server.tokenize.exact; tests and tools import them here
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,6 @@ class Batching:
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized (query, passage) pair, exactly as FlagReranker builds it."""
-
-    input_ids: list[int]
-    extra: dict[str, list[int]]  # attention_mask, token_type_ids, ... as the tokenizer returns them
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 def pick_device(requested: str) -> str:
@@ -219,47 +208,6 @@ def _model_token_limit(flag: FlagReranker) -> int:
     return int(getattr(flag.model.config, "max_position_embeddings", 512))
 
 
-# What transformers 5 runs between a tokenizer call and its Rust backend; a subclass overriding one may differ.
-_RUST_STEPS = (
-    "__call__",
-    "_get_padding_truncation_strategies",
-    "_encode_plus",
-    "set_truncation_and_padding",
-    "_convert_encoding",
-    "_decode",
-)
-
-
-def _calls_rust_directly(tokenizer: object) -> bool:
-    """True when calling the tokenizer is exactly calling its Rust backend: transformers 5's TokenizersBackend, with
-    none of the steps between the two (call, encode, convert, truncation set-up, decode) overridden."""
-    try:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:
-        return False
-    if not isinstance(tokenizer, TokenizersBackend) or hasattr(tokenizer, "_switch_to_input_mode"):
-        return False
-    return all(getattr(type(tokenizer), m) is getattr(TokenizersBackend, m) for m in _RUST_STEPS)
-
-
-def _round_trip(rust: Any, texts: list[str], limit: int, side: str) -> list[tuple[str, Any]]:
-    """Each text cut to `limit` tokens and decoded (special tokens kept), with the encoding of that decoded text."""
-    rust.enable_truncation(limit, stride=0, strategy="longest_first", direction=side)
-    first = rust.encode_batch(texts, add_special_tokens=False)
-    decoded = rust.decode_batch([e.ids for e in first], skip_special_tokens=False)
-    # A text that came back unchanged and was not cut would encode to what it already has; the others again.
-    again = [
-        i
-        for i, (text, back, e) in enumerate(zip(texts, decoded, first, strict=True))
-        if back != text or len(e) >= limit
-    ]
-    if again:
-        rust.no_truncation()
-        for i, e in zip(again, rust.encode_batch([decoded[i] for i in again], add_special_tokens=False), strict=True):
-            first[i] = e
-    return list(zip(decoded, first, strict=True))
-
-
 def load_engine(config: Config, model: str, name: str) -> Any:
     """Load `model` (hub id or directory) under `name` with the class its kind needs (config.json, --model-type)."""
     from server.llm_model import LLMRerankerModel, model_kind
@@ -269,46 +217,6 @@ def load_engine(config: Config, model: str, name: str) -> Any:
     if kind == "cross-encoder":
         return RerankerModel(config, path, name)
     return LLMRerankerModel(config, path, kind, name)
-
-
-def _cut_one(tokenize: Callable[[str], Any]) -> Encoded:
-    """compute_score's `only_second` truncation, or cutting both texts where that raises."""
-    try:
-        item = tokenize("only_second")
-    except Exception:
-        # The decode/re-encode round trip can lengthen the query past max_length, where cutting the
-        # passage alone is not enough (FlagReranker itself raises); cut both instead.
-        item = tokenize("longest_first")
-    return Encoded(list(item["input_ids"]), {k: list(v) for k, v in item.items() if k != "input_ids"})
-
-
-class TokenizerCopies:
-    """A tokenizer's copies, one per tokenizing thread.
-
-    Each tokenizer call sets the Rust tokenizer's truncation on the object itself, so threads sharing one would
-    truncate with each other's settings, or fail ("Already borrowed"); a copy per thread cannot. Copying a large
-    tokenizer takes a while, so the copies are made at load (`make`), not on each thread's first request.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._local = threading.local()
-        self._spare: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def make(self, count: int) -> None:
-        for _ in range(count):
-            self._spare.put(copy.deepcopy(self._tokenizer))
-
-    def get(self) -> Any:
-        """This thread's copy."""
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            try:
-                tok = self._spare.get_nowait()
-            except queue.Empty:
-                tok = copy.deepcopy(self._tokenizer)
-            self._local.tokenizer = tok
-        return tok
 
 
 class RerankerModel:
@@ -359,87 +267,19 @@ class RerankerModel:
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
-        self._rust = _calls_rust_directly(self.tokenizer)
-        # What transformers returns beside input_ids, and the Rust Encoding's name for it.
-        names = self.tokenizer.model_input_names
-        pieces = {"token_type_ids": "type_ids", "attention_mask": "attention_mask"}
-        self._extra_keys = {k: attr for k, attr in pieces.items() if k in names}
-        self._copies = TokenizerCopies(self.tokenizer)
+        self.encoder = PairEncoder(self.tokenizer, Instructions.of(self.flag), config.max_length)
+
+    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
+        """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread."""
+        return self.encoder.encode(pairs, max_length)
 
     def thread_tokenizer(self) -> Any:
         """This thread's own copy of the tokenizer (see TokenizerCopies)."""
-        return self._copies.get()
+        return self.encoder.thread_tokenizer()
 
     def copy_tokenizer(self, threads: int) -> None:
         """Make the copies of the tokenizer that `threads` tokenizing threads will use."""
-        self._copies.make(threads)
-
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
-        """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
-
-        compute_score truncates query (to 3/4 of max_length) and passage ids apart, and under transformers 5
-        decodes both back to text and tokenizes the pair again (`prepare_for_model_compat`). Here each step is one
-        batched call over all pairs, which gives the same ids as that per-pair path (tests/test_tokenize.py).
-        """
-        max_length = max_length or self.max_length
-        query_max = self.flag.query_max_length or max_length * 3 // 4
-        pairs = self.flag.get_detailed_inputs([list(p) for p in pairs])
-        tok = self.thread_tokenizer()
-        if self._rust:
-            return self._encode_rust(tok, pairs, query_max, max_length)
-        # Another tokenizer: the same steps through its Python layer, the pairs joined one by one.
-        unique = list(dict.fromkeys(p[0] for p in pairs))
-        q_ids = tok(unique, add_special_tokens=False, max_length=query_max, truncation=True)["input_ids"]
-        passages = [p[1] for p in pairs]
-        d_ids = tok(passages, add_special_tokens=False, max_length=max_length, truncation=True)["input_ids"]
-        if callable(getattr(tok, "prepare_for_model", None)):  # transformers 4: id-level joining, no round trip
-            by_query = dict(zip(unique, q_ids, strict=True))
-            return [self._join_one(tok, by_query[p[0]], d, max_length) for p, d in zip(pairs, d_ids, strict=True)]
-        keep = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-        decoded = dict(zip(unique, tok.batch_decode(q_ids, **keep), strict=True))
-        d_text = tok.batch_decode(d_ids, **keep)
-        return [self._pair_one(tok, decoded[p[0]], d, max_length) for p, d in zip(pairs, d_text, strict=True)]
-
-    def _encode_rust(self, tok: Any, pairs: list[list[str]], query_max: int, max_length: int) -> list[Encoded]:
-        """encode's steps as the calls transformers makes on the (thread's own) Rust tokenizer, each one batched.
-
-        Encoding a pair is encoding each text, then cutting the second to fit and adding the special tokens
-        (`post_process`): so each distinct decoded text is encoded once, and a text that came back from its round
-        trip unchanged and uncut keeps the encoding it already has.
-        """
-        rust = tok.backend_tokenizer
-        side = tok.truncation_side
-        rust.no_padding()
-        if rust.encode_special_tokens != tok.split_special_tokens:
-            rust.encode_special_tokens = tok.split_special_tokens
-        unique = list(dict.fromkeys(q for q, _ in pairs))
-        by_query = dict(zip(unique, _round_trip(rust, unique, query_max, side), strict=True))
-        q = [by_query[query] for query, _ in pairs]  # (decoded text, its encoding) of each pair's query
-        d = _round_trip(rust, [passage for _, passage in pairs], max_length, side)  # and of each passage
-        out: list[Encoded | None] = [None] * len(pairs)
-        # An empty text is no pair to the tokenizer's Python layer: compute_score's own call settles those.
-        whole = [i for i in range(len(pairs)) if q[i][0] and d[i][0]]
-        rust.enable_truncation(max_length, stride=0, strategy="only_second", direction=side)
-        try:
-            # Type ids: a post-processor without a pair template keeps each encoding's own, which only a pair encode
-            # sets (1 for the second text); the usual templates set them anyway, but encoding the pair is sure.
-            if "token_type_ids" in self._extra_keys:
-                joined = rust.encode_batch([(q[i][0], d[i][0]) for i in whole])
-            else:
-                joined = [rust.post_process(q[i][1], d[i][1], add_special_tokens=True) for i in whole]
-            for i, e in zip(whole, joined, strict=True):
-                out[i] = Encoded(e.ids, {k: getattr(e, attr) for k, attr in self._extra_keys.items()})
-        except Exception:  # some pair cannot be cut to fit by its passage alone: settle them one by one
-            out = [None] * len(pairs)
-        return [e if e is not None else self._pair_one(tok, q[i][0], d[i][0], max_length) for i, e in enumerate(out)]
-
-    def _pair_one(self, tok: Any, query: str, passage: str, max_length: int) -> Encoded:
-        """One decoded pair, as compute_score tokenizes it (see _cut_one)."""
-        return _cut_one(lambda how: tok(query, passage, truncation=how, max_length=max_length, padding=False))
-
-    def _join_one(self, tok: Any, q: list[int], d: list[int], max_length: int) -> Encoded:
-        """One pair of ids joined at id level (transformers 4), as compute_score does (see _cut_one)."""
-        return _cut_one(lambda how: prepare_for_model_compat(tok, q, d, truncation=how, max_length=max_length))
+        self.encoder.copy_tokenizer(threads)
 
     def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """Pad a batch as `tokenizer.pad` does (same values, same side), in numpy: no per-token Python."""

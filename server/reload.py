@@ -8,6 +8,8 @@ SERVING. A model that fails to load leaves the old one serving. Costs two copies
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,22 @@ def _revision_on_disk(path: str) -> str | None:
     from server.model import revision
 
     return revision(path) if os.path.isdir(path) else None
+
+
+def _explain(exc: Exception, path: str) -> str:
+    """The load error; json's own names only a line and column, so name the files of `path` that do not parse."""
+    if not isinstance(exc, json.JSONDecodeError):
+        return str(exc)
+    broken = []
+    for f in sorted(glob.glob(os.path.join(glob.escape(path), "*.json"))):
+        try:
+            with open(f, "rb") as fh:
+                json.load(fh)
+        except ValueError as err:
+            broken.append(f"{f} is not valid JSON: {err}")
+        except OSError:
+            continue  # gone or unreadable since the load: not the file the load tripped on
+    return "; ".join(broken) or f"a JSON file of {path} is not valid JSON ({exc})"
 
 
 class ModelReloader:
@@ -60,13 +78,14 @@ class ModelReloader:
             engine: Any = await srv.load_engine(name, current.engine.path)
             fresh = await srv.serve_model(name, engine)
         except Exception as exc:
-            log.error("reload of model %s failed, still serving revision %s: %s", name, current.engine.revision, exc)
+            reason = await asyncio.to_thread(_explain, exc, current.engine.path)
+            log.error("reload of model %s failed, still serving revision %s: %s", name, current.engine.revision, reason)
             srv.metrics.model_reloads.labels(name, "failed").inc()
             return "failed"
         srv.service.models[name] = fresh  # the swap: calls from now on get the new weights
         srv.metrics.model_reloads.labels(name, "ok").inc()
         log.info("model %s reloaded: revision %s -> %s", name, current.engine.revision, engine.revision)
-        self._spawn(current.batcher.close_when_idle(RETIRE_TIMEOUT_S))
+        self._spawn(current.retire(RETIRE_TIMEOUT_S))
         return "ok"
 
     async def _watch(self, interval_s: float) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +21,7 @@ from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.interceptors import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
 from server.stream import answer_stream
+from server.tokenize.tokenizing import Tokenizing
 
 
 class Engine(Protocol):
@@ -35,6 +35,7 @@ class Engine(Protocol):
     max_length: int
     parameters: int
     flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
+    encoder: Any  # its tokenizing alone (server.tokenize), which a worker process can run without the weights
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
 
@@ -54,7 +55,7 @@ class Scoring:
 
     engine: Engine
     batcher: Batcher[Any]
-    tokenize_pool: Executor  # tokenizing overlaps with the forward pass running on the batcher's worker
+    tokenizing: Tokenizing  # threads or worker processes: tokenizing overlaps the forward pass, off the loop
     batching: Any  # the budgets the batcher was given and where they came from (server.model.Batching)
 
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
@@ -64,14 +65,14 @@ class Scoring:
             splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
             return split_passages(splitter, pairs, plan)
 
-        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, split)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split)
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
-        """Tokenize on the pool, a large request in slices tokenized in parallel by the pool's threads; each slice
-        in order as soon as it is done, so the batcher starts on the first while the pool tokenizes the rest."""
-        loop = asyncio.get_running_loop()
+        """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
+        order as soon as it is done, so the batcher starts on the first while the rest are tokenized."""
+        loop, t = asyncio.get_running_loop(), self.tokenizing
         slices = [
-            loop.run_in_executor(self.tokenize_pool, self.engine.encode, pairs[i : i + TOKENIZE_SLICE], max_length)
+            loop.run_in_executor(t.executor, t.encode, pairs[i : i + TOKENIZE_SLICE], max_length)
             for i in range(0, len(pairs), TOKENIZE_SLICE)
         ]
         try:
@@ -81,6 +82,11 @@ class Scoring:
             for part in slices:
                 part.cancel()
                 part.add_done_callback(_consume)
+
+    async def retire(self, timeout_s: float) -> None:
+        """Stop once the calls already submitted are answered (a replaced model), then stop its tokenizing."""
+        await self.batcher.close_when_idle(timeout_s)
+        self.tokenizing.close()
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -131,6 +137,10 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
 def window_plan(req: pb.RerankRequest, config: Config) -> WindowPlan | None:
     """How to cut long passages into windows, or None when the request truncates them (the default)."""
     mode = req.long_documents
+    known = pb.LongDocuments.values()
+    if mode not in known:  # proto3 keeps a number it does not know; it must not fall back to truncating
+        names = ", ".join(f"{pb.LongDocuments.Name(v)} ({v})" for v in known)
+        raise InvalidRequest(f"long_documents {mode} is not one of the known values: {names}")
     if req.max_windows_per_doc and mode != pb.LONG_DOCUMENTS_CHUNK:
         raise InvalidRequest("max_windows_per_doc applies only with long_documents=LONG_DOCUMENTS_CHUNK")
     if mode not in (pb.LONG_DOCUMENTS_CHUNK, pb.LONG_DOCUMENTS_TRUNCATE_LEFT):

@@ -76,7 +76,7 @@ def test_request_max_length_truncates_like_compute_score(llm: Loaded, max_length
     ours = llm.engine.forward(llm.engine.encode(pairs, max_length))
     expected = llm.reference.compute_score([list(p) for p in pairs], max_length=max_length)
     assert ours == pytest.approx(expected, abs=TOL)
-    prompt = len(llm.engine._sep) + len(llm.engine._prompt)  # 64 tokens with the tiny tokenizer
+    prompt = len(llm.engine.encoder.sep) + len(llm.engine.encoder.prompt)  # 64 tokens with the tiny tokenizer
     if max_length * 3 // 4 > prompt:  # the query's share alone passes the prompt: the passage is cut
         assert len(llm.engine.encode([long], max_length)[0]) == max_length + 2 * prompt
 

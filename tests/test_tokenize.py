@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from FlagEmbedding.inference.reranker.encoder_only import base as flag_base
@@ -77,28 +78,57 @@ def _check_same_ids(engine: Any, flag_reranker: Any, pairs: list[tuple[str, str]
     with recorded_compute_score_ids() as seen:
         flag_reranker.compute_score([list(p) for p in pairs], max_length=max_length)
     ours = engine.encode(pairs, max_length)
-    assert [{"input_ids": e.input_ids, **e.extra} for e in ours] == [inputs for inputs, _ in seen]
+    as_lists = [{k: np.asarray(v).tolist() for k, v in {"input_ids": e.input_ids, **e.extra}.items()} for e in ours]
+    assert as_lists == [inputs for inputs, _ in seen]
     for e in ours:
         assert len(e) <= max_length
         assert all(len(v) == len(e) for v in e.extra.values())
     return sum(raised for _, raised in seen)
 
 
-@pytest.fixture(scope="module", params=["rust", "rust, BERT with token type ids", "python layer"])
-def paths(request: pytest.FixtureRequest, engine: Any, flag_reranker: Any, tmp_path_factory: Any) -> Any:
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: Any) -> Any:
+    from server.model import RerankerModel
+
+    model = RerankerModel(test_config(build_bert_model(tmp_path_factory.mktemp("bert"))))
+    assert model.encoder.rust and "token_type_ids" in model.encoder.extra_keys
+    return model
+
+
+class _ThroughWorker:
+    """encode through a tokenizer worker process: the pickled encoder, the socket, the packed arrays."""
+
+    def __init__(self, encoder: Any) -> None:
+        from server.tokenize.workers import TokenizerWorkers
+
+        self.workers = TokenizerWorkers(encoder, 1)
+        self.workers.start()
+        self.encode = self.workers.encode
+
+
+@pytest.fixture(
+    scope="module",
+    params=["rust", "rust, BERT with token type ids", "python layer", "worker process", "worker process, BERT"],
+)
+def paths(request: pytest.FixtureRequest, engine: Any, flag_reranker: Any, bert: Any) -> Iterator[Any]:
     """(engine, FlagReranker) for each way encode can go: the Rust calls joining encodings (`post_process`), the Rust
-    calls encoding pairs (a BERT tokenizer: token type ids 0 and 1, lower-casing), and the tokenizer's Python layer."""
-    from server.model import RerankerModel, TokenizerCopies
+    calls encoding pairs (a BERT tokenizer: token type ids 0 and 1, lower-casing), the tokenizer's Python layer, and
+    the Rust paths in a worker process (what the server runs with --tokenize-workers)."""
+    from server.model import TokenizerCopies
 
     if request.param == "rust":
-        return engine, flag_reranker
-    if request.param == "python layer":
-        other = copy.copy(engine)
-        other._rust, other._copies = False, TokenizerCopies(engine.tokenizer)
-        return other, flag_reranker
-    bert = RerankerModel(test_config(build_bert_model(tmp_path_factory.mktemp("bert"))))
-    assert bert._rust and "token_type_ids" in bert._extra_keys
-    return bert, bert.flag
+        yield engine, flag_reranker
+    elif request.param == "python layer":
+        other = copy.copy(engine.encoder)
+        other.rust, other._copies = False, TokenizerCopies(engine.tokenizer)
+        yield other, flag_reranker
+    elif request.param.startswith("worker process"):
+        model = bert if "BERT" in request.param else engine
+        worker = _ThroughWorker(model.encoder)
+        yield worker, model.flag
+        worker.workers.close()
+    else:
+        yield bert, bert.flag
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,11 +208,11 @@ def test_tokenizer_copies_made_at_load_go_one_to_each_thread(engine: Any, monkey
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from server import model
+    from server.tokenize import exact
 
     made: list[Any] = []
-    monkeypatch.setattr(model.copy, "deepcopy", lambda tok: made.append(copy.copy(tok)) or made[-1])
-    copies = model.TokenizerCopies(engine.tokenizer)
+    monkeypatch.setattr(exact.copy, "deepcopy", lambda tok: made.append(copy.copy(tok)) or made[-1])
+    copies = exact.TokenizerCopies(engine.tokenizer)
     copies.make(2)
     assert len(made) == 2
     start = threading.Barrier(3)
