@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from aiohttp import http_exceptions as http
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from rest_bridge.config import BridgeConfig
 
@@ -31,6 +34,7 @@ DEADLINE_SETTING = (
 TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
 CONFIG_KEY = web.AppKey("bridge_config", BridgeConfig)
 COHERE_PREFIXES = ("/v1/", "/v2/")  # Cohere's routes answer errors in Cohere's shape
+QUOTED = re.compile(r"(?<![A-Za-z])['\"]|['\"](?![A-Za-z])|\\")  # a quote that is not an apostrophe, a backslash
 
 
 class BadRequest(ValueError):
@@ -70,6 +74,36 @@ def error_status(exc: BaseException, config: BridgeConfig) -> tuple[int, str]:
     return 500, f"internal error ({type(exc).__name__}); see the bridge log"
 
 
+def parser_error(exc: http.HttpProcessingError, max_headers: int) -> tuple[int, str]:
+    """HTTP status and message for a request aiohttp's parser refused; never quotes the request's bytes."""
+    if isinstance(exc, http.LineTooLong):
+        return 431, f"the request line or a header line is longer than {exc.args[1]} bytes"
+    if isinstance(exc, http.BadHttpMethod):
+        if exc.message.startswith("Received HTTPS traffic"):
+            return 400, "this port speaks plain HTTP, not HTTPS"
+        return 400, "the request line has an invalid method"
+    if isinstance(exc, http.BadStatusLine):
+        return 400, "the request line is malformed"
+    if isinstance(exc, http.InvalidURLError):
+        return 400, "the request target (path and query) is malformed"
+    if isinstance(exc, http.InvalidHeader):
+        return 400, "a header is malformed"
+    # llhttp's reason comes first ("Invalid header value char: ..."); what follows the colon quotes the request.
+    reason = exc.message.split("\n", 1)[0].split(":", 1)[0].strip().rstrip(".")
+    if reason == "Too many headers received":
+        return 431, f"the request has more than {max_headers} header lines"
+    if not reason or len(reason) > 80 or QUOTED.search(reason):
+        reason = "malformed"
+    return 400, f"malformed HTTP request: {reason}"
+
+
+def payload_error(exc: RequestPayloadError) -> str:
+    """The message for a body that arrived but cannot be read as sent (its Content-Encoding, its chunks)."""
+    if isinstance(exc.__cause__, http.ContentEncodingError):
+        return "the request body does not decode as its Content-Encoding says; send it encoded or drop the header"
+    return "the request body is malformed (its chunked Transfer-Encoding or its length)"
+
+
 def error_body(request: web.Request, status: int, message: str) -> tuple[int, dict[str, Any]]:
     if request.match_info.route.name == "legacy_post":
         # The legacy envelope; HTTP 200 for what the original answered with 200, the real status otherwise.
@@ -93,4 +127,7 @@ async def error_middleware(
     except Exception as exc:
         status, message = error_status(exc, request.app[CONFIG_KEY])
     status, body = error_body(request, status, message)
-    return web.json_response(body, status=status)
+    response = web.json_response(body, status=status)
+    if request.content.exception() is not None:  # the parser stopped inside the body: this connection is done
+        response.force_close()
+    return response

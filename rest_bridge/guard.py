@@ -3,7 +3,10 @@
 - Headers: aiohttp's keep-alive timer runs from the connection's start (and from the end of each response)
   and closes a connection whose next request's headers are not complete by then, so `header_timeout_s` is
   passed to aiohttp as `keepalive_timeout`. The TLS handshake gets the same bound.
-- Body: `body_middleware` reads the whole body within `body_timeout_s` (408 otherwise) before any handler.
+- Body: `body_middleware` reads the whole body within `body_timeout_s` (408 otherwise) before any handler; a
+  declared Content-Length above the limit gets 413 before any of it is read.
+- Malformed HTTP: what aiohttp's parser refuses is answered in the bridge's JSON shape and logged as one INFO
+  line that quotes nothing of the request (`JsonErrorHandler`).
 - Connections: past `max_connections` open ones, a new connection gets an immediate 503 and is closed.
 """
 
@@ -18,6 +21,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from rest_bridge.errors import BadRequest, parser_error, payload_error
 
 access_log = logging.getLogger("rest_bridge.access")
 log = logging.getLogger(__name__)
@@ -41,6 +48,9 @@ def body_middleware(body_timeout_s: float) -> Callable[[web.Request, Handler], A
 
     @web.middleware
     async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        declared = request.content_length
+        if declared is not None and declared > request.client_max_size:
+            raise web.HTTPRequestEntityTooLarge(request.client_max_size, declared)  # without waiting for the body
         if request.body_exists:
             start = time.perf_counter()
             try:
@@ -53,6 +63,9 @@ def body_middleware(body_timeout_s: float) -> Callable[[web.Request, Handler], A
             except ConnectionError:
                 _access(request, 499, start, "the client closed the connection before sending the whole body")
                 return web.Response(status=400)  # nobody is there to read it
+            except RequestPayloadError as exc:
+                request.content.feed_eof()  # nothing more can be read: no lingering read that would fail again
+                raise BadRequest(payload_error(exc)) from None
         return await handler(request)
 
     return read_body
@@ -78,6 +91,31 @@ class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.write(self._response)  # type: ignore[attr-defined]
         transport.close()
+
+
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering what its HTTP parser refuses as the bridge's JSON, not text.
+
+    aiohttp's own answer quotes the offending bytes (a header with an API key in it) and logs each one at ERROR
+    with a traceback; a malformed request is the client's fault: one INFO line, naming only the problem.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        status, text = parser_error(exc, self.max_headers)
+        access_log.info("rest refused a malformed request from %s: status=%d %s", request.remote, status, text)
+        response = web.json_response({"error": text, "status": status}, status=status)
+        response.force_close()
+        return response
 
 
 class _Counted(asyncio.Protocol):
@@ -152,7 +190,9 @@ class GuardedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         if self.open_connections < self._max_connections:
-            return _Counted(server(), self)
+            # What server() does, with our handler class: aiohttp has no setting for it.
+            handler = JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
+            return _Counted(handler, self)
         self._refused += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY_S:  # one line per interval, however hard the port is hit
