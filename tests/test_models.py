@@ -128,8 +128,9 @@ async def test_a_flood_on_one_model_does_not_starve_another(
             await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES[:4], model="two"), timeout=10)
             waited = launches[started:].index("two")
             assert waited <= 2, launches  # served after at most the flood's batches already queued on the thread
-            assert not all(f.done() for f in flood)  # ... long before the flood drained
             await asyncio.gather(*flood)
+            after = launches[started + waited + 1 :]
+            assert after.count("one") >= 20, launches  # ... long before the flood drained: most of it came after
     finally:
         await srv.stop(0)
 
@@ -273,7 +274,8 @@ async def test_rest_routes_choose_models(
     )
     body = await resp.json()
     assert body["model"] == "one"
-    assert sorted(r["relevance_score"] for r in body["results"]) == pytest.approx(sorted(raw["one"]), abs=1e-6)
+    by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(raw["one"], abs=1e-6)
 
     resp = await bridge.post("/rerank", json={"query": QUERY, "compare_to": PASSAGES})  # legacy 2: --legacy2-model
     assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw["two"]], abs=1e-6)
@@ -299,7 +301,10 @@ async def test_rest_with_one_model_accepts_any_name(
 
     bridge = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{server.port}")))
     resp = await bridge.post("/v1/rerank", json={"model": "rerank-english-v3.0", "query": QUERY, "documents": PASSAGES})
-    assert resp.status == 200 and len((await resp.json())["results"]) == len(PASSAGES)
+    assert resp.status == 200
+    by_index = {r["index"]: r["relevance_score"] for r in (await resp.json())["results"]}
+    expected = flag_reranker.compute_score([[QUERY, p] for p in PASSAGES], normalize=True)  # scored by the one model
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(expected, abs=1e-6)
     resp = await bridge.get("/models")
     assert [m["id"] for m in (await resp.json())["data"]] == [server.config.default_model]
 

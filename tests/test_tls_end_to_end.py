@@ -69,7 +69,7 @@ def test_rest_port_with_mutual_tls_serves_both_and_the_probe_passes(model_dir: P
 
 
 async def test_standalone_bridge_calls_grpc_over_mutual_tls(
-    model_dir: Path, engine: Any, pki: Pki, aiohttp_client: Any
+    model_dir: Path, engine: Any, pki: Pki, aiohttp_client: Any, flag_reranker: Any
 ) -> None:
     srv = RerankServer(
         test_config(model_dir, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)),
@@ -87,7 +87,10 @@ async def test_standalone_bridge_calls_grpc_over_mutual_tls(
         )
         bridge = await aiohttp_client(create_app(config))
         resp = await bridge.post("/v1/rerank", json={"query": QUERY, "documents": CANDIDATES})
-        assert resp.status == 200 and len((await resp.json())["results"]) == 2
+        assert resp.status == 200
+        by_index = {r["index"]: r["relevance_score"] for r in (await resp.json())["results"]}
+        expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=True)
+        assert [by_index[0], by_index[1]] == pytest.approx(expected, abs=1e-6)
 
         without_cert = BridgeConfig(grpc_target=f"127.0.0.1:{srv.port}", grpc_ca=str(pki.ca), deadline_s=3)
         bridge = await aiohttp_client(create_app(without_cert))
