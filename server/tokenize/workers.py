@@ -141,7 +141,8 @@ class TokenizerWorkers:
             if w is None or self._closed:
                 self._idle.put(None)  # wake the next waiter too
                 raise WorkerDied("the server is shutting down its tokenizer workers")
-            if not w.dead.is_set() and w.proc.poll() is None:
+            # An idle worker has sent everything it was asked for: anything to read is the EOF of its exit.
+            if not w.dead.is_set() and not w.conn.poll(0):
                 return w
             w.dead.set()  # died while idle: its reaper replaces it; take another
 
