@@ -81,6 +81,8 @@ def _upstream(request: web.Request) -> Upstream:
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
+    if len(request.headers.getall("authorization", [])) > 1:
+        raise BadRequest("several Authorization headers: send exactly one, 'Bearer <key>'", status=401)
     metadata = []
     for name in FORWARDED_HEADERS:
         value = request.headers.get(name)

@@ -81,10 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"cannot read a TLS file: {exc}")
     status = check(target, args.service, args.timeout, tls, args.tls_server_name)
     print(f"{target}: {status}")
-    if status != "SERVING" and tls is None and config.tls and not args.target:
-        print(
-            "the server serves TLS (RERANKER_TLS_CERT is set): pass --tls-ca, and for mutual TLS --tls-cert/--tls-key"
-        )
+    if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and tls is None:
+        # A TLS port closes a plaintext connection (or waits for a handshake): it reads as one of these two.
+        known = config.tls and not args.target
+        why = "the server serves TLS (RERANKER_TLS_CERT is set)" if known else "the server may need TLS"
+        print(f"asked in plaintext; {why}: pass --tls-ca, and for mutual TLS --tls-cert and --tls-key")
     return 0 if status == "SERVING" else 1
 
 

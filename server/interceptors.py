@@ -31,6 +31,7 @@ REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 DEADLINE_SKEW_S = 0.25
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
+AMBIGUOUS_MESSAGE = "several 'authorization' metadata entries: send exactly one, 'Bearer <key>'"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -160,12 +161,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext, call: _Call) -> AsyncIterator[None]:
         """Request id, drain refusal and API key before; status, metrics and the access line after."""
         start = time.perf_counter()
-        rid, auth = "", ""
+        rid, auths = "", []
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY:
                 rid = str(value)[:MAX_REQUEST_ID_CHARS]
             elif key == "authorization":
-                auth = str(value)
+                auths.append(str(value))
         rid = rid or uuid.uuid4().hex
         token = request_id.set(rid)
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
@@ -176,9 +177,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:  # Draining
                 call.code, message = status_for(exc)
                 await context.abort(call.code, message)
-            if self._expected is not None and not hmac.compare_digest(auth.encode(), self._expected):
-                call.code = grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(call.code, UNAUTHENTICATED_MESSAGE)
+            if self._expected is not None:
+                await self._authenticate(auths, context, call)
             yield
             call.code = context.code() or grpc.StatusCode.OK
         except asyncio.CancelledError:
@@ -199,6 +199,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_id.reset(token)
             except ValueError:  # a stream's generator closed from another context (grpc dropped it)
                 pass
+
+    async def _authenticate(self, auths: list[str], context: grpc.aio.ServicerContext, call: _Call) -> None:
+        """Exactly one authorization entry, equal to the key; several are ambiguous, whichever one is right."""
+        if len(auths) == 1 and hmac.compare_digest(auths[0].encode(), self._expected or b""):
+            return
+        call.code = grpc.StatusCode.UNAUTHENTICATED
+        await context.abort(call.code, AMBIGUOUS_MESSAGE if len(auths) > 1 else UNAUTHENTICATED_MESSAGE)
 
     def _record(self, method: str, call: _Call, seconds: float) -> None:
         m = self._metrics

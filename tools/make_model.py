@@ -43,7 +43,9 @@ def build_tokenizer(vocab_size: int = 400):  # -> XLMRobertaTokenizerFast
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator(SENTENCES * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
@@ -56,13 +58,28 @@ def build_tokenizer(vocab_size: int = 400):  # -> XLMRobertaTokenizerFast
 def _save(directory: str | Path, model_class: Any, config: Any, tokenizer: Any, seed: int) -> Path:
     """Random weights of `model_class` for `config` (seeded), written with the tokenizer to `directory`."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     model = model_class(config)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one shard of a test model: a "Writing model shards" bar says nothing
+    try:
+        model.save_pretrained(out)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
+    return _readable(out)
+
+
+def _readable(out: Path) -> Path:
+    """Mode 0644 for every file: safetensors writes 0600, which the image's user (uid 10001) could not read."""
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o644)
     return out
 
 
@@ -102,7 +119,9 @@ def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(SENTENCES * 4, trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    tok.train_from_iterator(
+        SENTENCES * 4, trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    )
     tok.post_processor = processors.BertProcessing(
         ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
     )
@@ -149,7 +168,10 @@ def build_causal_tokenizer(bos: bool = True, padding_side: str = "left", vocab_s
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator((SENTENCES + LLM_TEXTS) * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
@@ -228,7 +250,7 @@ def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
+    return _readable(out)
 
 
 def main() -> None:
