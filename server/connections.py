@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
+import stat
 import tempfile
 
 import grpc
@@ -13,6 +15,7 @@ from server.config import Config
 
 log = logging.getLogger(__name__)
 FD_HEADROOM = 256  # model files, the metrics port, the event loop, pipes
+SOCKET_DIR_PREFIX = "reranker-"  # then the owning process's id: reranker-<pid>-<random>
 
 
 def connection_options(c: Config) -> list[tuple[str, int]]:
@@ -53,6 +56,37 @@ def ensure_fd_limit(c: Config) -> None:
         )
 
 
+def remove_stale_socket_dirs() -> None:
+    """Remove this user's socket directories whose process is gone (a SIGKILLed server cannot clean up)."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(SOCKET_DIR_PREFIX) :].partition("-")[0]
+        path = os.path.join(root, name)
+        if not name.startswith(SOCKET_DIR_PREFIX) or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left behind by process %s", path, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
 class LocalSocket:
     """A Unix socket in a fresh 0700 directory: only this user can connect (the in-process REST bridge)."""
 
@@ -60,7 +94,8 @@ class LocalSocket:
         self._dir: str | None = None
 
     def bind(self, server: grpc.aio.Server) -> str:
-        self._dir = tempfile.mkdtemp(prefix="reranker-")  # mode 0700
+        remove_stale_socket_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")  # mode 0700
         target = f"unix:{self._dir}/grpc.sock"
         server.add_insecure_port(target)
         return target

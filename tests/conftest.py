@@ -10,7 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+# Tests never reach for the hub, whatever the environment exports: offline, and a closed loopback port as the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from reranker_proto import reranker_pb2_grpc as pb_grpc  # noqa: E402

@@ -31,6 +31,24 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def wait_for_line(
+    proc: subprocess.Popen[bytes] | subprocess.Popen[str], log: Path, text: str, timeout: float = 60
+) -> str:
+    """The first line of `log` (the child's output, written to a file) containing `text`; fails if the child exits
+    or `timeout` passes first. A file polled, not a pipe read line by line: a silent child cannot hang the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        found = next((line for line in lines if text in line), None)
+        if found is not None:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before logging {text!r}:\n{chr(10).join(lines)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no line with {text!r} after {timeout} s:\n{chr(10).join(lines[-40:])}")
+        time.sleep(0.1)
+
+
 class ServerProcess:
     """Starts `python -m server` and waits until health says SERVING; `stop()` ends it by its pid."""
 

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from rest_bridge.config import BridgeConfig, load_bridge_config
 from rest_bridge.literal import LiteralError, parse_text_pairs
 from server.config import load_config
+from server.connections import LocalSocket
+from tests.subprocess_server import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,24 +44,21 @@ def http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-def start(args: list[str], ready: str) -> tuple[subprocess.Popen[str], str]:
-    """Start `python -m ...` and read its log until the line containing `ready` (at most 60 s)."""
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    for line in proc.stderr:
-        if ready in line:
-            return proc, line
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"{args} never logged {ready!r}")
+def start(args: list[str], ready: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `python -m ...`, its log going to `log`, and wait (60 s at most) for the line containing `ready`."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stderr=out)
+    try:
+        return proc, wait_for_line(proc, log, ready)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
         if proc.poll() is None:
@@ -65,11 +67,11 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_server_with_rest_port_serves_both_and_stops_cleanly(
-    model_dir: Path, processes: list[subprocess.Popen[str]]
+    model_dir: Path, processes: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     rest = free_port()
     args = ["server", "--host", "127.0.0.1", "--port", "0", "--rest-port", str(rest), "--model", str(model_dir)]
-    proc, line = start(args, "serving model=")
+    proc, line = start(args, "serving model=", tmp_path / "server.log")
     processes.append(proc)
     assert f"rest_port={rest}" in line
     status, body = http("POST", f"http://127.0.0.1:{rest}/bge-reranker-base/post", {"text_pairs": "[['q', 'p']]"})
@@ -80,17 +82,41 @@ def test_server_with_rest_port_serves_both_and_stops_cleanly(
 
 
 def test_standalone_bridge_without_a_server_answers_503_and_stops_cleanly(
-    processes: list[subprocess.Popen[str]],
+    processes: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     rest, nowhere = free_port(), free_port()
     args = ["rest_bridge", "--grpc-target", f"127.0.0.1:{nowhere}", "--host", "127.0.0.1", "--port", str(rest)]
-    proc, _ = start(args, "REST bridge on")
+    proc, _ = start(args, "REST bridge on", tmp_path / "bridge.log")
     processes.append(proc)
     status, body = http("POST", f"http://127.0.0.1:{rest}/rerank", {"query": "q", "compare_to": ["a"]})
     assert status == 503 and "cannot be reached" in body["error"]
     assert http("GET", f"http://127.0.0.1:{rest}/health")[0] == 503
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
+
+
+def test_a_killed_servers_socket_directory_is_removed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"reranker-{int(gone.stdout)}-abc"  # what a SIGKILLed server leaves behind
+    live = tmp_path / f"reranker-{os.getpid()}-def"  # a server still running (this process)
+    other = tmp_path / "reranker-notapid"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "grpc.sock").touch()
+    server = grpc.server(ThreadPoolExecutor(1))
+    local = LocalSocket()
+    try:
+        target = local.bind(server)  # type: ignore[arg-type]  # binds the same on a blocking server
+        mine = Path(target.removeprefix("unix:")).parent
+        assert mine.name.startswith(f"reranker-{os.getpid()}-") and mine.parent == tmp_path
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, mine.name])
+    finally:
+        local.remove()
+        server.stop(0)
+    assert not mine.exists()
 
 
 def test_bridge_config_flags_and_environment() -> None:
