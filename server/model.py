@@ -69,7 +69,9 @@ def _offline_help(model: str) -> str:
     return (
         f"To run offline, download the model once (e.g. `git clone https://huggingface.co/{model}` "
         "with git-lfs, or `huggingface-cli download` on a connected machine) and start the server with "
-        "--model /path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory)."
+        "--model /path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
+        "without any download, build a random-weight model (its scores mean nothing): "
+        "`python -m tools.make_model ./models/tiny --shape tiny`, then `python -m server --model ./models/tiny`."
     )
 
 
