@@ -128,3 +128,18 @@ def test_make_model_writes_files_others_can_read_and_prints_only_the_path(tmp_pa
     assert any(f.name == "model.safetensors" for f in files)
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_the_offline_error_names_the_random_model_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from server.model import ModelLoadError, resolve_model_path
+    from tests.test_bridge_process import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # a hub that refuses connections
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model_path("nobody/no-such-reranker")
+    message = str(err.value)
+    assert "cannot be reached" in message
+    assert "python -m tools.make_model ./models/tiny --shape tiny" in message
+    assert "python -m server --model ./models/tiny" in message
