@@ -23,6 +23,7 @@ from clients import (
 from clients._common import join_targets, service_config
 from server.app import RerankServer
 from tests.conftest import test_config
+from tests.ops_helpers import until
 
 QUERY = "what is panda?"
 CANDIDATES = [
@@ -41,8 +42,8 @@ async def client(server: RerankServer) -> AsyncIterator[AsyncRerankerClient]:
 
 @pytest.fixture
 async def slow_server(model_dir: Path, engine: Any) -> AsyncIterator[RerankServer]:
-    """A non-full batch waits a second for company, and the queue holds one request of 4 pairs."""
-    config = test_config(model_dir, max_wait_ms=1000.0, max_candidates=4, max_queue_pairs=4)
+    """A batch goes only when full (5 pairs; it would wait ten minutes for company), and the queue holds 5 pairs."""
+    config = test_config(model_dir, max_wait_ms=600_000.0, batch_size=5, max_candidates=4, max_queue_pairs=5)
     srv = RerankServer(config, engine=engine)
     await srv.start()
     yield srv
@@ -133,29 +134,32 @@ async def test_invalid_arguments_caught_before_sending(client: AsyncRerankerClie
 
 async def test_resource_exhausted_when_the_queue_is_full(slow_server: RerankServer) -> None:
     async with AsyncRerankerClient(f"127.0.0.1:{slow_server.port}") as client:
-        first = asyncio.ensure_future(client.rerank(QUERY, CANDIDATES))  # 4 pairs: the whole queue
+        first = asyncio.ensure_future(client.rerank(QUERY, CANDIDATES))  # 4 of the 5 places, waiting for company
         batcher = slow_server.batcher()
         assert batcher is not None
-        for _ in range(500):  # until those pairs sit in the queue, waiting for the batch to fill
-            if batcher.queued_pairs == len(CANDIDATES):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_pairs == len(CANDIDATES))
         with pytest.raises(OverloadedError) as err:
-            await client.rerank(QUERY, ["hi"])
+            await client.rerank(QUERY, ["hi", "hi"])
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue limit of 4" in err.value.message
+        assert "4 pairs queued, 2 more would exceed the queue limit of 5" in err.value.message
+        filler = await client.rerank(QUERY, ["hi"])  # the fifth pair fills the batch: both go
+        assert len(filler.scores) == 1
         assert len((await first).scores) == len(CANDIDATES)  # not retried, and the queued request still finishes
 
 
 async def test_deadline_exceeded_and_the_server_keeps_serving(slow_server: RerankServer) -> None:
     async with AsyncRerankerClient(f"127.0.0.1:{slow_server.port}") as client:
         with pytest.raises(DeadlineExceededError) as err:
-            await client.rerank(QUERY, ["hi"], timeout=0.2)  # the batch waits a full second
+            await client.rerank(QUERY, ["hi"], timeout=0.2)  # its batch never fills
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(err.value, TimeoutError)
-        assert (await client.rerank(QUERY, CANDIDATES[:2])).results
+        batcher = slow_server.batcher()
+        assert batcher is not None
+        await until(lambda: batcher.queued_pairs == 0)  # the server's own deadline (a moment later) dropped it
+        full = await asyncio.gather(client.rerank(QUERY, CANDIDATES), client.rerank(QUERY, ["hi"]))  # 5 pairs
+        assert [len(r.scores) for r in full] == [len(CANDIDATES), 1]
         assert await client.health() == "SERVING"
-    assert slow_server.batcher() is not None and slow_server.batcher().stats.dropped_pairs == 1  # skipped, not scored
+    assert batcher.stats.dropped_pairs == 1  # skipped, not scored
 
 
 async def test_unavailable_with_nothing_listening() -> None:
