@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,6 +22,7 @@ from server import __version__
 from server.batcher import Batcher, BatchLimits
 from server.config import Config, ConfigError
 from server.connections import LocalSocket, connection_options, ensure_fd_limit
+from server.engine.warm import prepare
 from server.interceptors import ServerInterceptor
 from server.logs import fields
 from server.metrics import Metrics
@@ -172,7 +174,8 @@ class RerankServer:
         tokenizing = Tokenizing(engine, c.tokenize_thread_count, workers, self._worker_died)
         try:
             await asyncio.to_thread(tokenizing.start)
-            await asyncio.get_running_loop().run_in_executor(self._infer_pool, engine.warm_up, b.batch_size)
+            ready = partial(prepare, engine, b, c.cuda_graphs)  # on the device's thread: CUDA graphs are per thread
+            shapes = await asyncio.get_running_loop().run_in_executor(self._infer_pool, ready)
         except BaseException:
             tokenizing.close()
             raise
@@ -183,7 +186,7 @@ class RerankServer:
             engine.launch, self._infer_pool, limits, on_batch=self.metrics.on_batch, collect_executor=self._collect_pool
         )
         batcher.start()
-        return Scoring(engine, batcher, tokenizing, b)
+        return Scoring(engine, batcher, tokenizing, b, shapes)
 
     def _worker_died(self) -> None:
         self.metrics.tokenizer_worker_deaths.inc()
@@ -216,6 +219,7 @@ class RerankServer:
             "max_batch_tokens": b.max_batch_tokens if b else c.max_batch_tokens,
             "batching": b.source if b else "",
             "tokenize": self.service.scoring.tokenizing.describe() if self.service.scoring else "",
+            "shapes": self.service.scoring.shapes if self.service.scoring else "",
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,
             "max_candidates": c.max_candidates,

@@ -53,6 +53,7 @@ class Config:
     max_batch_tokens: int = 0  # padded tokens per forward pass; 0 = sized for the device (CPU 16384)
     tokenize_threads: int = 0  # 0 = half the cores, 1 to 8
     tokenize_workers: int = -1  # tokenizer processes; 0 = tokenize in this process's threads; -1 = auto (by device)
+    cuda_graphs: str = "auto"  # auto/on: capture each shape bucket's forward on CUDA (eager where it fails); off
     max_wait_ms: float = 2.0
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
@@ -125,6 +126,8 @@ class Config:
         for name in ("batch_size", "max_batch_tokens", "tokenize_threads", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (sized for the machine) or positive, got {getattr(self, name)}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.tokenize_workers < -1:
             raise ConfigError(
                 f"tokenize_workers must be auto, 0 (tokenize in-process) or a number of processes, "
@@ -289,6 +292,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="tokenizer processes, so tokenizing never holds the GIL that drives the device; 0 = tokenize in "
         "--tokenize-threads threads of the server; auto = half the cores (2 to 8) on CUDA, 0 on CPU (default: "
         f"{'auto' if d['tokenize_workers'] == -1 else d['tokenize_workers']})",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default=d["cuda_graphs"],
+        help="on CUDA, capture each shape bucket's forward pass once and replay it (one call instead of hundreds of "
+        "kernel launches); a model that cannot be captured runs eagerly, with one log line (%(default)s)",
     )
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="wait to fill a batch (%(default)s)")
     p.add_argument(

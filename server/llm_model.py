@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reran
 )
 
 from server.config import MODEL_TYPES, Config
+from server.engine.launch import Arrays, Collect, Launcher
 from server.model import (
     CPU_BATCH_SIZE,
     ModelLoadError,
@@ -162,6 +163,8 @@ def _use_fp16(config: Config, kind: str, on_cuda: bool) -> bool:
 class LLMRerankerModel:
     """A FlagEmbedding decoder-only reranker on one device; scores equal the class's compute_score."""
 
+    pad_multiple = PAD_MULTIPLE
+
     # The cross-encoder's: they use only encode/launch, the device, the dtype and the model config's shape.
     batching = RerankerModel.batching
     _cuda_budget = RerankerModel._cuda_budget
@@ -202,6 +205,10 @@ class LLMRerankerModel:
         with_bos = kind == "layerwise" or (bos is not None and bos != pad)
         self.encoder = PromptEncoder(tok, Instructions.of(self.flag), config.max_length, prompt, with_bos)
         self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
+        enc = self.encoder
+        # the longest input: query and passage cut to max_length plus separators and prompt, twice (compute_score's)
+        self.max_width = config.max_length + 2 * (len(enc.sep) + len(enc.prompt)) + len(enc.bos)
+        self.launcher = Launcher(self.model, self.device, self._scores, causal=True, buckets=None)
         if kind == "llm":
             self._yes = self.flag.yes_loc
             takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -241,17 +248,21 @@ class LLMRerankerModel:
                     f"--cutoff-layer {config.cutoff_layer} is outside {path}'s scoring layers {first}..{last}"
                 )
 
-    def _collate(self, batch: Sequence[Prompted]) -> dict[str, torch.Tensor]:
-        """Left-pad to a multiple of 8 (as the Collater); positions count real tokens only, from 0."""
-        width = -(-max(len(e) for e in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
-        ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
+    def _arrays(self, batch: Sequence[Prompted], rows: int, width: int) -> Arrays:
+        """Left-pad to `width` (a multiple of 8, as the Collater); positions count real tokens only, from 0. A row
+        past the batch is one attended pad token (its score is dropped)."""
+        ids = np.full((rows, width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
         for row, e in enumerate(batch):
             ids[row, width - len(e) :] = e.input_ids
             mask[row, width - len(e) :] = 1
+        mask[len(batch) :, -1] = 1
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)
-        arrays = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        return {k: torch.from_numpy(a) for k, a in arrays.items()}
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+    def _collate(self, batch: Sequence[Prompted]) -> dict[str, torch.Tensor]:
+        width = -(-max(len(e) for e in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        return {k: torch.from_numpy(a) for k, a in self._arrays(batch, len(batch), width).items()}
 
     def _scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The last token's "Yes" logit (llm) or the cutoff layer's score (layerwise), one per row, as float32."""
@@ -261,22 +272,8 @@ class LLMRerankerModel:
         out = self.model(**inputs, use_cache=False, cutoff_layers=self._cutoff)
         return out.logits[0][:, -1].float()
 
-    def launch(self, batch: Sequence[Prompted]) -> Callable[[], list[float]]:
+    def launch(self, batch: Sequence[Prompted]) -> Collect:
         """Start the forward pass of one batch; the returned function waits for its raw scores (see RerankerModel)."""
-        inputs = self._collate(batch)
-        with torch.inference_mode():
-            if not self._cuda:
-                scores = self._scores(inputs).tolist()
-                return lambda: scores
-            inputs = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in inputs.items()}
-            out = torch.empty(len(batch), dtype=torch.float32, pin_memory=True)
-            out.copy_(self._scores(inputs), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-
-        def collect() -> list[float]:
-            done.synchronize()
-            inputs.clear()
-            return out.tolist()
-
-        return collect
+        width = -(-max(len(e) for e in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
+        rows, width = self.launcher.shape(len(batch), width)
+        return self.launcher.launch(self._arrays(batch, rows, width), len(batch))

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
 from server.config import Config
+from server.engine.launch import Arrays, Collect, Launcher
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
 
 __all__ = ["Encoded", "TokenizerCopies"]  # their home is server.tokenize.exact; tests and tools import them here
@@ -270,6 +271,11 @@ class RerankerModel:
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
         self.encoder = PairEncoder(self.tokenizer, Instructions.of(self.flag), config.max_length)
+        self.max_width = config.max_length  # the longest input a pair can have
+        self.launcher = Launcher(self.model, self.device, self._logits, causal=False, buckets=None)
+
+    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**inputs, return_dict=True).logits.view(-1).float()
 
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
         """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread."""
@@ -283,50 +289,35 @@ class RerankerModel:
         """Make the copies of the tokenizer that `threads` tokenizing threads will use."""
         self.encoder.copy_tokenizer(threads)
 
-    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        """Pad a batch as `tokenizer.pad` does (same values, same side), in numpy: no per-token Python."""
-        width = max(len(e) for e in batch)
+    def _arrays(self, batch: Sequence[Encoded], rows: int, width: int) -> Arrays:
+        """Pad a batch as `tokenizer.pad` does (same values, same side), in numpy, to `rows` x `width`; a row past
+        the batch is one attended pad token (its score is dropped)."""
         keys = ["input_ids", *batch[0].extra]
         fill = {"input_ids": self._pad_id, "attention_mask": 0, "token_type_ids": self._pad_type_id}
         if self._pad_id is None or "attention_mask" not in keys or any(k not in fill for k in keys):
-            # an input we do not know how to pad as tokenizer.pad would: let it do the padding
-            features = [{"input_ids": e.input_ids, **e.extra} for e in batch]
-            return dict(pad_with_compat(self.tokenizer, features, padding=True, return_tensors="pt"))
-        arrays = {k: np.full((len(batch), width), fill[k], dtype=np.int64) for k in keys}
+            # an input we do not know how to pad as tokenizer.pad would: let it do the padding, exact width
+            features = [{k: list(v) for k, v in {"input_ids": e.input_ids, **e.extra}.items()} for e in batch]
+            return {k: t.numpy() for k, t in pad_with_compat(self.tokenizer, features, padding=True).items()}
+        arrays = {k: np.full((rows, width), fill[k], dtype=np.int64) for k in keys}
         left = self.tokenizer.padding_side == "left"
         for row, e in enumerate(batch):
             cols = slice(width - len(e), width) if left else slice(0, len(e))
             arrays["input_ids"][row, cols] = e.input_ids
             for k, values in e.extra.items():
                 arrays[k][row, cols] = values
+        arrays["attention_mask"][len(batch) :, -1 if left else 0] = 1
+        return arrays
+
+    def _collate(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """The batch padded to its longest pair, as tensors (what tokenizer.pad returns)."""
+        arrays = self._arrays(batch, len(batch), max(len(e) for e in batch))
         return {k: torch.from_numpy(a) for k, a in arrays.items()}
 
-    def launch(self, batch: Sequence[Encoded]) -> Callable[[], list[float]]:
-        """Start the forward pass of one batch; the returned function waits for its raw logits.
-
-        On CUDA nothing here waits for the device: inputs go through pinned memory with non-blocking copies and
-        the logits come back the same way, so the next batch is padded and queued while this one runs. The one
-        host sync per batch is in the returned function. On CPU the pass runs here and the function just returns.
-        """
-        inputs = self._collate(batch)
-        with torch.inference_mode():
-            if not self._cuda:
-                logits = self.model(**inputs, return_dict=True).logits.view(-1).float()
-                scores = logits.tolist()
-                return lambda: scores
-            inputs = {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in inputs.items()}
-            logits = self.model(**inputs, return_dict=True).logits.view(-1).float()
-            out = torch.empty(len(batch), dtype=torch.float32, pin_memory=True)
-            out.copy_(logits, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-
-        def collect() -> list[float]:
-            done.synchronize()
-            inputs.clear()  # the device inputs are freed once the pass that reads them is done
-            return out.tolist()
-
-        return collect
+    def launch(self, batch: Sequence[Encoded]) -> Collect:
+        """Start the forward pass of one batch; the returned function waits for its raw logits (server.engine.launch:
+        on CUDA nothing here waits for the device, and the batch is padded to its shape bucket)."""
+        rows, width = self.launcher.shape(len(batch), max(len(e) for e in batch))
+        return self.launcher.launch(self._arrays(batch, rows, width), len(batch))
 
     def forward(self, batch: Sequence[Encoded]) -> list[float]:
         """Raw logits for one padded batch, waiting for them."""

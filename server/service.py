@@ -57,6 +57,7 @@ class Scoring:
     batcher: Batcher[Any]
     tokenizing: Tokenizing  # threads or worker processes: tokenizing overlaps the forward pass, off the loop
     batching: Any  # the budgets the batcher was given and where they came from (server.model.Batching)
+    shapes: str = ""  # how the device's shapes were warmed (server.engine.warm), for the startup line
 
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
