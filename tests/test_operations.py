@@ -141,6 +141,19 @@ async def test_request_id_is_echoed_or_generated_and_logged(
     assert "panda" not in access_lines.getvalue()  # no request text at INFO
 
 
+async def test_request_ids_are_cut_refused_and_echoed(stub: pb_grpc.RerankerStub) -> None:
+    call = stub.Rerank(RERANK, metadata=(("x-request-id", "m" * 200),))
+    await call
+    assert dict(tuple(await call.trailing_metadata()))["x-request-id"] == "m" * 128  # cut at 128 characters
+    for rid in ("", "mine-1", "f" * 128):
+        resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, request_id=rid))
+        assert resp.request_id == rid
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, request_id="f" * 129))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "request_id has 129 characters; the limit is 128"
+
+
 async def test_health_checks_are_logged_at_debug_only(
     channel: grpc.aio.Channel, access_lines: io.StringIO, caplog: pytest.LogCaptureFixture
 ) -> None:
