@@ -55,6 +55,7 @@ class _Job:
     tokens: int = 0
     started: float | None = None
     inference_s: float = 0.0
+    launched: int = 0  # pairs taken into batches so far
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * self.size
@@ -132,6 +133,7 @@ class Batcher(Generic[Item]):
         self._closed = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._newer_turn = False  # alternates a large request's batches with newer requests' (_anchor)
         self.stats = BatchStats()
 
     @property
@@ -274,11 +276,11 @@ class Batcher(Generic[Item]):
                 return
 
     def _take_batch(self) -> list[_Pending[Item]]:
-        """The length group of the oldest pending pair, within the pair and padded-token budgets.
+        """The length group of the anchor pair (see _anchor), within the pair and padded-token budgets.
 
-        The oldest `window` pairs are sorted longest first and cut into batches, as an offline scorer would cut
-        them; the batch holding the oldest pair goes next. So pairs of similar length share a batch (little
-        padding), one request alone is batched exactly like the engine ceiling, and a short request is never
+        The `window` pending pairs from the anchor on are sorted longest first and cut into batches, as an offline
+        scorer would cut them; the batch holding the anchor goes next. So pairs of similar length share a batch
+        (little padding), one request alone is batched exactly like the engine ceiling, and a short request is never
         starved by a stream of long ones.
         """
         live = [p for p in self._pending if not p.job.abandoned]
@@ -286,20 +288,36 @@ class Batcher(Generic[Item]):
         if not live:
             self._pending = live
             return []
-        oldest = live[0]
+        start = self._anchor(live)
+        anchor = live[start]
         batch: list[_Pending[Item]] = []
-        for p in sorted(live[: self._limits.window], key=lambda p: -p.length):
+        for p in sorted(live[start : start + self._limits.window], key=lambda p: -p.length):
             # Longest first, so a batch's first pair sets the padded length of the whole batch.
             if batch and (
                 len(batch) >= self._limits.max_pairs or batch[0].length * (len(batch) + 1) > self._limits.max_tokens
             ):
-                if any(q is oldest for q in batch):
+                if any(q is anchor for q in batch):
                     break
                 batch = []
             batch.append(p)
         taken = {id(p) for p in batch}
         self._pending = [p for p in live if id(p) not in taken]
+        for p in batch:
+            p.job.launched += 1
         return batch
+
+    def _anchor(self, live: list[_Pending[Item]]) -> int:
+        """Where the next batch is drawn from: the oldest pending pair, except that once the oldest request has had a
+        batch's worth of pairs, every other batch goes to the oldest newer request that has not. So a small call
+        waits for about one of a large request's batches, not for all of them, and the large one keeps half."""
+        if live[0].job.launched < self._limits.max_pairs:
+            return 0
+        self._newer_turn = not self._newer_turn
+        if self._newer_turn:
+            for i, p in enumerate(live):
+                if p.job.launched < self._limits.max_pairs:
+                    return i
+        return 0
 
     async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float] | None:
         """Start the batch's forward pass; None if it failed (its callers have the error)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,6 +48,7 @@ class Engine(Protocol):
 
 
 TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
+TOKENIZE_SLICE_CHARS = 256 * 1024  # characters per tokenizer call (about 30 ms of tokenizing on one core)
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,27 @@ class Scoring:
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
         """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
-        order as soon as it is done, so the batcher starts on the first while the rest are tokenized."""
+        order as soon as it is done, so the batcher starts on the first while the rest are tokenized. A request has
+        at most one slice per thread queued at a time, so another caller's slice waits for one slice, not for all."""
         loop, t = asyncio.get_running_loop(), self.tokenizing
-        slices = [
-            loop.run_in_executor(t.executor, t.encode, pairs[i : i + TOKENIZE_SLICE], max_length)
-            for i in range(0, len(pairs), TOKENIZE_SLICE)
-        ]
+        cuts = iter(slices(pairs))
+        running: deque[asyncio.Future[list[Any]]] = deque()
+
+        def more() -> None:
+            cut = next(cuts, None)
+            if cut is not None:
+                running.append(loop.run_in_executor(t.executor, t.encode, pairs[cut], max_length))
+
+        for _ in range(t.parallel):
+            more()
         try:
-            for part in slices:
-                yield await part
+            while running:
+                part = await running[0]
+                running.popleft()
+                more()
+                yield part
         finally:  # the caller is gone or a slice failed: slices not started yet are not tokenized at all
-            for part in slices:
+            for part in running:
                 part.cancel()
                 part.add_done_callback(_consume)
 
@@ -88,6 +100,19 @@ class Scoring:
         """Stop once the calls already submitted are answered (a replaced model), then stop its tokenizing."""
         await self.batcher.close_when_idle(timeout_s)
         self.tokenizing.close()
+
+
+def slices(pairs: list[tuple[str, str]]) -> list[slice]:
+    """Consecutive slices of at most TOKENIZE_SLICE pairs and TOKENIZE_SLICE_CHARS characters (at least one pair):
+    big enough for the batched tokenizer calls, small enough that long texts do not hold a thread for long."""
+    out, start, chars = [], 0, 0
+    for i, (q, p) in enumerate(pairs):
+        if i > start and (i - start == TOKENIZE_SLICE or chars + len(q) + len(p) > TOKENIZE_SLICE_CHARS):
+            out.append(slice(start, i))
+            start, chars = i, 0
+        chars += len(q) + len(p)
+    out.append(slice(start, len(pairs)))
+    return out
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -426,3 +426,20 @@ async def test_a_model_returning_the_wrong_number_of_scores_is_an_error_for_that
         await asyncio.wait_for(batcher.submit(pairs([7, 8])), 10)
     assert batcher.stats.failed_batches == 1
     assert (await asyncio.wait_for(batcher.submit(pairs([20, 21])), 10)).scores == [20.0, 21.0]
+
+
+async def test_a_small_request_waits_for_one_batch_of_a_large_one_not_all(make: Any, model: FakeModel) -> None:
+    """Once the oldest request has had a batch, newer requests get every other batch: a 1-pair call sent during a
+    20-batch request is scored within its next batches, and the large one keeps going meanwhile."""
+    batcher = make(max_pairs=4, max_wait_s=0.0, depth=1)
+    model.hold()
+    large = asyncio.ensure_future(batcher.submit(pairs(range(80))))
+    await asyncio.to_thread(model.started.wait, 10)  # the first batch of the large request is running
+    small = asyncio.ensure_future(batcher.submit(pairs([1000])))
+    await until(lambda: batcher.queued_pairs == 80 - 4 + 1)
+    model.release()
+    assert (await small).scores == [1000.0]
+    await large
+    position = next(i for i, keys in enumerate(model.keys()) if 1000 in keys)
+    assert position <= 2, f"the small request ran in batch {position} of {len(model.batches)}"
+    assert len(model.batches) == 21 and {k for keys in model.keys() for k in keys} == {*range(80), 1000}

@@ -49,6 +49,11 @@ class Tokenizing:
         self.executor = ThreadPoolExecutor(workers or threads, thread_name_prefix="tokenize")
         self.start_s = 0.0
 
+    @property
+    def parallel(self) -> int:
+        """Slices tokenized at once."""
+        return self.workers.count if self.workers else self.threads
+
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]:
         """The pairs' inputs, exactly as compute_score builds them; call it on `executor`."""
         if self.workers:
