@@ -20,8 +20,10 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace, device: str, model: str) -> tuple[list[Workloa
     loads, singles = workloads(model, args.clients, args.per_client or (10 if cuda else 2), args.big, args.single)
     r: dict[str, Any] = {"ceiling": systems.ceiling(model, device, loads)}
     print(f"ceiling {[(n, round(c['pairs_per_s'])) for n, c in r['ceiling'].items()]} pairs/s", flush=True)
-    r["sync"] = sync_check(model, device, systems.pairs_of(loads[0])[: systems.BATCH])
+    r["sync"] = sync_check(model, device, systems.pairs_of(loads[0])[: systems.batch_size(device)])
     print(f"no host sync in launch: {r['sync']}", flush=True)
     r["compute_score"], reference = systems.compute_score(model, device, loads)
     print(f"compute_score {[round(c['pairs_per_s']) for c in r['compute_score'].values()]} pairs/s", flush=True)
@@ -112,22 +114,25 @@ def main() -> None:
     parser.add_argument("--no-infinity", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print the results, leave bench/README.md alone")
     args = parser.parse_args()
-    started = time.perf_counter()
+    started, at_start = time.perf_counter(), machine("")  # the load average before the run
     os.environ.update({k: v for k, v in ENV.items() if k != "TOKENIZERS_PARALLELISM"})  # the server parallelizes
     cuda = args.device.startswith("cuda")
     device = "cuda:0" if args.device == "cuda" else args.device  # FlagReranker wants an indexed device
     shape = args.shape or ("base" if cuda else "tiny")
     model = model_dir(shape, args.model)
     loads, results = run(args, device, model)
-    env = machine("") | {
+    env = at_start | {
         "cuda": cuda,
         "device_name": device_name(device),
         "shape": shape,
         "model_shape": model_shape(model),
         "dtype": "fp16" if cuda else "fp32",
+        "batch": systems.batch_size(device),
+        "transformers": version("transformers"),
         "elapsed_s": round(time.perf_counter() - started),
+        "load_end": " ".join(machine("")["load"]),
     }
-    command = "python -m bench.gpu" + ("" if cuda else f" --device {args.device} --shape {shape}")
+    command = " ".join(["python -m bench.gpu", *sys.argv[1:]])  # as run: the loads' sizes are in the flags
     text = render(command, env, loads, results, WARM_REQUESTS)
     print(text)
     if not args.no_write:

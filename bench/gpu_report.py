@@ -7,7 +7,6 @@ from typing import Any
 
 from bench.common import Workload
 from bench.gpu_probe import describe_fields
-from bench.gpu_systems import BATCH
 
 IN_PROCESS_PATH = (
     "a `RerankServer` with default flags in the benchmark's own process (loaded and warmed as `python -m server`), "
@@ -15,8 +14,8 @@ IN_PROCESS_PATH = (
     "validation, tokenizing, batcher, model, response; no gRPC (as `bench.closed_loop --in-process`)"
 )
 ROWS = (
-    ("ceiling", f"ceiling: pre-tokenized, length-sorted, padded forward passes of {BATCH}, every shape seen before"),
-    ("compute_score", "FlagReranker.compute_score, one call over the load (run once untimed first)"),
+    ("ceiling", "ceiling: pre-tokenized, length-sorted, padded forward passes of {batch}, every shape seen before"),
+    ("compute_score", "FlagReranker.compute_score (batch {batch}), one call over the load, run once untimed first"),
     ("in_process", "the server's request path in-process, no gRPC"),
     ("server", "our server, `python -m server`, default flags"),
     ("infinity", "Infinity's engine, in-process"),
@@ -43,25 +42,27 @@ def header(env: dict[str, Any], loads: list[Workload], r: dict[str, Any]) -> lis
     )
     return [
         f"**Device {env['device_name']}, {env['dtype']}, model shape {env['shape']} ({env['model_shape']}, random "
-        f"weights), torch {env['torch']}.** Every shape warmed before timing: **{'yes' if warmed else 'NO'}** "
+        f"weights), torch {env['torch']}, transformers {env['transformers']}.** "
+        f"Every shape warmed before timing: **{'yes' if warmed else 'NO'}** "
         f"(ceiling, {counts}); compute_score, the servers and Infinity run each load once untimed first (a server "
         "forms its own batches, so its timed run meets a new width unless it pads to warmed buckets).",
         "",
         f"In-process path: {IN_PROCESS_PATH}.",
         "",
-        f"{env['date']}, {env['cpu']}, Python {env['python']}; took {env['elapsed_s']} s. Workloads (passages of "
+        f"{env['date']}, {env['cpu']}, load average {' '.join(env['load'])} at start, {env['load_end']} at the end, "
+        f"Python {env['python']}; took {env['elapsed_s']} s. Workloads (passages of "
         "30-250 tokens): "
         + "; ".join(f"{w.name}: {w.clients} client(s), {len(w.requests)} requests, {w.pairs:,} pairs" for w in loads)
         + ".",
     ]
 
 
-def table(loads: list[Workload], r: dict[str, Any]) -> list[str]:
+def table(loads: list[Workload], r: dict[str, Any], batch: int) -> list[str]:
     names = [w.name for w in loads]
     head = " | ".join(f"{n}: pairs/s | GPU busy | p99 ms" for n in names)
     lines = [f"| system | {head} |", "|---|" + "---:|---|---:|" * len(names)]
     for key, label in ROWS:
-        row = r.get(key)
+        label, row = label.format(batch=batch), r.get(key)
         if not isinstance(row, dict):
             lines.append(f"| {label} | {row} |" + " |" * (3 * len(names) - 1))
             continue
@@ -121,7 +122,7 @@ def render(command: str, env: dict[str, Any], loads: list[Workload], r: dict[str
             "",
             *header(env, loads, r),
             "",
-            *table(loads, r),
+            *table(loads, r, env["batch"]),
             "",
             *ratios(loads, r, cuda),
             "",

@@ -4,7 +4,9 @@ path in-process, our server through gRPC, Infinity's engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import io
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,13 @@ from bench.common import Workload, percentile, summary
 from bench.gpu_probe import BusySampler, serving_fields, startup_fields
 from bench.run import free_port, process
 
-BATCH = 128
+CUDA_BATCH = 128
+CPU_BATCH = 32  # the server's default on CPU: wider batches of mixed lengths pad too much there
+
+
+def batch_size(device: str) -> int:
+    """The plain batch size of the ceiling, compute_score and Infinity on this device."""
+    return CUDA_BATCH if device.startswith("cuda") else CPU_BATCH
 
 
 def pairs_of(w: Workload) -> list[tuple[str, str]]:
@@ -38,7 +46,7 @@ def free(device: str) -> None:
 
 
 def ceiling(model: str, device: str, loads: list[Workload]) -> dict[str, dict[str, Any]]:
-    """Per load: plain forward passes of BATCH over its pairs, pre-tokenized, length-sorted, padded, on the device.
+    """Per load: plain batched forward passes over its pairs, pre-tokenized, length-sorted, padded, on the device.
 
     Every batch runs once untimed first and the device is synchronized, so the timed pass meets no new shape.
     """
@@ -48,14 +56,14 @@ def ceiling(model: str, device: str, loads: list[Workload]) -> dict[str, dict[st
     tok = AutoTokenizer.from_pretrained(model)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     net = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype).to(device).eval()
-    out = {}
+    out, size = {}, batch_size(device)
     for w in loads:
         pairs = pairs_of(w)
         enc = tok([q for q, _ in pairs], [p for _, p in pairs], truncation="only_second", max_length=512).data
         order = sorted(range(len(pairs)), key=lambda i: -len(enc["input_ids"][i]))
         batches = [
-            tok.pad([{k: v[i] for k, v in enc.items()} for i in order[s : s + BATCH]], return_tensors="pt").to(device)
-            for s in range(0, len(order), BATCH)
+            tok.pad([{k: v[i] for k, v in enc.items()} for i in order[s : s + size]], return_tensors="pt").to(device)
+            for s in range(0, len(order), size)
         ]
         with torch.inference_mode():
             warmed = set()
@@ -87,15 +95,17 @@ def compute_score(model: str, device: str, loads: list[Workload]) -> tuple[dict[
     Also returns the first load's scores, as the parity reference."""
     from FlagEmbedding import FlagReranker
 
-    flag = FlagReranker(model, use_fp16=device.startswith("cuda"), devices=[device], batch_size=BATCH)
+    flag = FlagReranker(model, use_fp16=device.startswith("cuda"), devices=[device], batch_size=batch_size(device))
     out, reference = {}, []
     for w in loads:
         pairs = [list(p) for p in pairs_of(w)]
-        flag.compute_score(pairs)  # untimed: every shape this call meets
-        with BusySampler(device) as busy:
-            start = time.perf_counter()
-            scores = flag.compute_score(pairs)
-            out[w.name] = summary(len(pairs), time.perf_counter() - start, []) | {"busy": busy.result()}
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars ignore TQDM_DISABLE
+            flag.compute_score(pairs)  # untimed: every shape this call meets
+            with BusySampler(device) as busy:
+                start = time.perf_counter()
+                scores = flag.compute_score(pairs)
+                wall = time.perf_counter() - start
+        out[w.name] = summary(len(pairs), wall, []) | {"busy": busy.result()}
         reference = reference or [float(s) for s in scores]
     del flag
     free(device)
@@ -208,8 +218,8 @@ def infinity(model: str, device: str, loads: list[Workload]) -> dict[str, Any] |
     async def run() -> dict[str, Any]:
         dtype = "float16" if device.startswith("cuda") else "float32"
         args = EngineArgs(
-            model_name_or_path=model, engine="torch", device=device.split(":")[0], dtype=dtype, batch_size=BATCH,
-            bettertransformer=False, model_warmup=False,
+            model_name_or_path=model, engine="torch", device=device.split(":")[0], dtype=dtype,
+            batch_size=batch_size(device), bettertransformer=False, model_warmup=False,
         )  # fmt: skip
         engine = AsyncEmbeddingEngine.from_args(args)
         await engine.astart()
