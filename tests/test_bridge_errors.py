@@ -161,3 +161,48 @@ async def test_health_follows_the_server(model_dir: Path, engine: Any, aiohttp_c
     await srv.stop(0)
     resp = await client.get("/health")
     assert resp.status == 503 and (await resp.json())["status"] in ("NOT_SERVING", "UNAVAILABLE")
+
+
+async def _raw(port: int, request: bytes, then: bytes = b"") -> tuple[bytes, bytes]:
+    """Send `request` (and `then` once the server is reading), return the answer's status line and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        if then:
+            assert (await asyncio.wait_for(reader.readline(), 30)).startswith(b"HTTP/1.1 100 ")
+            await asyncio.wait_for(reader.readline(), 30)  # the blank line after it
+            writer.write(then)
+        status = await asyncio.wait_for(reader.readline(), 30)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+        return status, await asyncio.wait_for(reader.readexactly(length), 30)
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_stops_arriving_is_a_408(scripted: tuple[ScriptedReranker, int], aiohttp_client: Any) -> None:
+    _, port = scripted
+    config = BridgeConfig(grpc_target=f"127.0.0.1:{port}", body_timeout_s=0.5)
+    client: TestClient = await aiohttp_client(create_app(config))
+    head = b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    status, body = await _raw(client.port, head, then=b'{"query": ')  # ... and the other 90 bytes never come
+    assert status.startswith(b"HTTP/1.1 408 ")
+    assert b"the request body did not arrive within 0.5 s (--rest-body-timeout-s)" in body
+
+
+@pytest.mark.parametrize("header", ["X-Request-Id", "Authorization"])
+async def test_a_non_ascii_forwarded_header_is_a_400_before_calling_grpc(
+    scripted: tuple[ScriptedReranker, int], aiohttp_client: Any, header: str
+) -> None:
+    servicer, port = scripted
+    client: TestClient = await aiohttp_client(create_app(BridgeConfig(grpc_target=f"127.0.0.1:{port}")))
+    body = b'{"query": "q", "compare_to": ["a"]}'
+    request = (
+        b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"{header}: caf\u00e9-1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    status, answer = await _raw(client.port, request)
+    assert status.startswith(b"HTTP/1.1 400 ")
+    assert f"the {header.lower()} header must be printable ASCII".encode() in answer
+    assert servicer.metadata == {}  # never forwarded
