@@ -23,6 +23,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -77,28 +78,52 @@ def device_name(device: str) -> str:
     return "CPU"
 
 
+def failed(what: str, exc: Exception) -> str:
+    """A system that failed becomes its row's text (traceback on stderr), so one device run still reports the rest."""
+    traceback.print_exc()
+    print(f"{what} failed: {exc!r}", file=sys.stderr, flush=True)
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def _rates(row: Any) -> Any:
+    return [round(c["pairs_per_s"]) for c in row.values()] if isinstance(row, dict) else row
+
+
 def run(args: argparse.Namespace, device: str, model: str) -> tuple[list[Workload], dict[str, Any]]:
     cuda = device.startswith("cuda")
     loads, singles = workloads(model, args.clients, args.per_client or (10 if cuda else 2), args.big, args.single)
-    r: dict[str, Any] = {"ceiling": systems.ceiling(model, device, loads)}
-    print(f"ceiling {[(n, round(c['pairs_per_s'])) for n, c in r['ceiling'].items()]} pairs/s", flush=True)
-    r["sync"] = sync_check(model, device, systems.pairs_of(loads[0])[: systems.batch_size(device)])
+    r: dict[str, Any] = {"ceiling": systems.ceiling(model, device, loads), "latency": {}, "startup": {}}
+    print(f"ceiling {_rates(r['ceiling'])} pairs/s", flush=True)
+    try:
+        r["sync"] = sync_check(model, device, systems.pairs_of(loads[0])[: systems.batch_size(device)])
+    except Exception as exc:
+        r["sync"] = failed("sync check", exc)
     print(f"no host sync in launch: {r['sync']}", flush=True)
-    r["compute_score"], reference = systems.compute_score(model, device, loads)
-    print(f"compute_score {[round(c['pairs_per_s']) for c in r['compute_score'].values()]} pairs/s", flush=True)
-    r["in_process"], r["in_process_startup"] = systems.in_process(model, device, loads)
-    print(f"in-process {[round(c['pairs_per_s']) for c in r['in_process'].values()]} pairs/s", flush=True)
-    with tempfile.TemporaryDirectory(prefix="rerank-gpu-") as tmp:
-        r["server"], r["latency"], served, r["startup"] = systems.server(
-            model, device, loads, singles, WARM_REQUESTS, Path(tmp)
-        )
-    print(f"server {[round(c['pairs_per_s']) for c in r['server'].values()]} pairs/s", flush=True)
-    print(f"server startup: {describe_fields(r['startup'])}", flush=True)
+    reference: list[float] = []
+    try:
+        r["compute_score"], reference = systems.compute_score(model, device, loads)
+    except Exception as exc:
+        r["compute_score"] = failed("compute_score", exc)
+    print(f"compute_score {_rates(r['compute_score'])} pairs/s", flush=True)
+    try:
+        r["in_process"], r["in_process_startup"] = systems.in_process(model, device, loads)
+    except Exception as exc:
+        r["in_process"], r["in_process_startup"] = failed("in-process", exc), {}
+    print(f"in-process {_rates(r['in_process'])} pairs/s", flush=True)
+    served: list[list[float]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="rerank-gpu-") as tmp:
+            r["server"], r["latency"], served, r["startup"] = systems.server(
+                model, device, loads, singles, WARM_REQUESTS, Path(tmp)
+            )
+    except Exception as exc:
+        r["server"] = failed("server", exc)
+    print(f"server {_rates(r['server'])} pairs/s; startup: {describe_fields(r['startup'])}", flush=True)
     flat = sum(served, [])
-    r["parity"] = max(abs(a - b) for a, b in zip(flat, reference, strict=False))
     r["parity_pairs"] = min(len(flat), len(reference))
+    r["parity"] = max((abs(a - b) for a, b in zip(flat, reference, strict=False)), default=float("nan"))
     r["infinity"] = "skipped (--no-infinity)" if args.no_infinity else systems.infinity(model, device, loads)
-    print(f"infinity {r['infinity']}", flush=True)
+    print(f"infinity {_rates(r['infinity'])}", flush=True)
     return loads, r
 
 

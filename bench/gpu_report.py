@@ -114,6 +114,10 @@ def latency(r: dict[str, Any], warm: int) -> list[str]:
     return lines
 
 
+def _parity(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.2e}"
+
+
 def render(command: str, env: dict[str, Any], loads: list[Workload], r: dict[str, Any], warm: int) -> str:
     cuda = bool(env["cuda"])
     return "\n".join(
@@ -131,6 +135,6 @@ def render(command: str, env: dict[str, Any], loads: list[Workload], r: dict[str
             f"- No host sync in launch: {r['sync']}",
             f"- Our server's startup line: {describe_fields(r['startup'])}",
             f"- In-process server's startup: {describe_fields(r['in_process_startup'])}",
-            f"- Parity: max |server - compute_score| = {r['parity']:.2e} over {r['parity_pairs']} pairs.",
+            f"- Parity: max |server - compute_score| = {_parity(r['parity'])} over {r['parity_pairs']} pairs.",
         ]
     )

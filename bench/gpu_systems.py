@@ -192,7 +192,11 @@ def server(
             latency = {w.name: await _one_caller(target, w, warm) for w in singles}
             return loaded, latency, await _scores(target, loads[0].requests[:5])
 
-        loaded, latency, scores = asyncio.run(run())
+        try:
+            loaded, latency, scores = asyncio.run(run())
+        except Exception:
+            print(f"the server's log ends:\n{log.read_text()[-3000:]}", file=sys.stderr, flush=True)
+            raise
     line = next((x for x in log.read_text().splitlines() if " serving " in x or '"serving"' in x), "")
     return loaded, latency, scores, startup_fields(line)
 

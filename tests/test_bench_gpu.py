@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from bench.gpu_probe import BusySampler, describe_fields, startup_fields
 
@@ -66,3 +70,22 @@ def test_busy_share_is_na_on_cpu() -> None:
     with BusySampler("cpu") as busy:
         pass
     assert busy.result() == "n/a" and not busy.samples
+
+
+def test_busy_share_falls_back_to_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.gpu_probe as probe
+
+    def no_nvml(index: int) -> None:
+        raise ModuleNotFoundError("pynvml")
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$3 $4" = "-i 3" ] && echo 42\n')  # `-i N` names the device: CUDA_VISIBLE_DEVICES=3
+    smi.chmod(0o755)
+    monkeypatch.setattr(probe, "_nvml_reader", no_nvml)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with BusySampler("cuda:0", period_s=0.01) as busy:
+        time.sleep(0.1)
+    assert busy.result().startswith("42% (") and busy.result().endswith(" samples, nvidia-smi)")
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert BusySampler("cuda:0").result().startswith("unavailable (")  # neither: said, not a crash
