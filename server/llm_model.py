@@ -33,10 +33,12 @@ from server.model import (
     CPU_BATCH_SIZE,
     ModelLoadError,
     RerankerModel,
+    Snapshot,
     _offline_help,
     _quiet_progress_bars,
     config_kind,
     not_a_reranker,
+    own_weights,
     pick_device,
     read_model_config,
     revision,
@@ -180,6 +182,7 @@ class LLMRerankerModel:
             raise ValueError(f"kind must be llm or layerwise, got {kind!r}")
         self.name = name or config.default_model
         self.path = path
+        snapshot = Snapshot(path)
         self.revision = revision(path)
         self.kind = kind
         self.device = pick_device(config.device)
@@ -196,6 +199,9 @@ class LLMRerankerModel:
         if self.fp16:
             self.model.half()
         self.model.to(self.device)
+        if not self.device.startswith("cuda"):  # on CUDA the copy to the device made them the process's own
+            own_weights(self.model)
+        snapshot.check()
         self.model.eval()
         self.parameters = sum(p.numel() for p in self.model.parameters())
         tok = self.tokenizer

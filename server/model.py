@@ -147,6 +147,41 @@ def revision(path: str) -> str:
     return digest.hexdigest()
 
 
+def own_weights(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer into the process's own memory. Loading maps model.safetensors into memory
+    (on CPU the tensors stay views of the file): a file copied over it in place would change the scores of the
+    running model, or crash it (SIGBUS) when the file shrinks. Tied weights stay tied (one copy per tensor)."""
+    done: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is None or id(t) in done:
+                        continue
+                    done.add(id(t))
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = t.data.clone()
+                    else:
+                        table[name] = t.clone()
+                        done.add(id(table[name]))
+
+
+class Snapshot:
+    """The model files' signature when loading began; `check()` after loading refuses weights read while the files
+    were changing (a copy in progress): the old model keeps serving, the next reload tries again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.before = files_signature(path)
+
+    def check(self) -> None:
+        if files_signature(self.path) != self.before:
+            raise ModelLoadError(
+                f"the files of {self.path} changed while they were being loaded; load again once they are complete "
+                "(copy a new model beside the old one and rename it into place, then SIGHUP)"
+            )
+
+
 def read_model_config(path: str) -> dict[str, Any] | None:
     """The config.json of a local model directory; None for a hub id."""
     config_file = os.path.join(path, "config.json")
@@ -240,6 +275,7 @@ class RerankerModel:
         if not on_cuda:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.path = path = resolve_model_path(model)
+        snapshot = Snapshot(path)
         self.revision = revision(path)
         if config.model_type != "cross-encoder":  # an explicit --model-type cross-encoder skips the detection
             _check_is_cross_encoder(path)
@@ -265,6 +301,9 @@ class RerankerModel:
         if self.fp16:
             self.model.half()
         self.model.to(self.device)
+        if not self.device.startswith("cuda"):  # on CUDA the copy to the device made them the process's own
+            own_weights(self.model)
+        snapshot.check()
         self.model.eval()
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self._cuda = on_cuda

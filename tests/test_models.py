@@ -313,3 +313,83 @@ def sigmoid(x: float) -> float:
     import math
 
     return 1 / (1 + math.exp(-x))
+
+
+def test_weights_copied_over_in_place_change_nothing_until_sighup(
+    model_dir: Path, other_model_dir: Path, tmp_path: Path
+) -> None:
+    """The served files overwritten in place (`cp` over them: truncated, then written), three times in a row and once
+    with identical bytes, under load: every answer is still the old model's and the server stays up (the weights
+    are the process's own, not a mapping of the file); SIGHUP then swaps in the new ones with no failed call."""
+    live = tmp_path / "live"
+    shutil.copytree(model_dir, live)
+    pairs = [(QUERY, p) for p in PASSAGES]
+    old, new = reference(model_dir, pairs), reference(other_model_dir, pairs)
+    server = ServerProcess(live, tmp_path / "server.log", "--max-wait-ms", "1")
+    try:
+        asyncio.run(_calls_through_copies_in_place(server, live, model_dir, other_model_dir, old, new))
+    finally:
+        server.stop()
+
+
+async def _calls_through_copies_in_place(
+    server: ServerProcess, live: Path, first: Path, other: Path, old: list[float], new: list[float]
+) -> None:
+    answers: list[str] = []
+    errors: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(stub: pb_grpc.RerankerStub) -> None:
+        while not stop.is_set():
+            try:
+                resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES), timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            scores = list(resp.scores)
+            answers.append(
+                "old" if scores == pytest.approx(old, abs=1e-5) else "new" if scores == pytest.approx(new) else "other"
+            )
+
+    def copy_over(source: Path) -> None:
+        for f in source.iterdir():
+            shutil.copyfile(f, live / f.name)  # in place: the same inode, truncated and rewritten
+
+    async with grpc.aio.insecure_channel(server.target) as ch:
+        stub = pb_grpc.RerankerStub(ch)
+        revision = (await stub.GetModelInfo(pb.GetModelInfoRequest())).revision
+        tasks = [asyncio.ensure_future(client(stub)) for _ in range(8)]
+        for source in (other, first, other, other):  # the last copy writes the bytes already there
+            await asyncio.to_thread(copy_over, source)
+        seen = len(answers)
+        await until(lambda: len(answers) >= seen + 16, 60)
+        before = list(answers)
+        server.proc.send_signal(signal.SIGHUP)
+
+        async def swapped() -> bool:
+            return (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)).revision != revision
+
+        deadline = time.monotonic() + 60
+        while not await swapped():
+            assert time.monotonic() < deadline, f"no reload after SIGHUP:\n{server.log()[-2000:]}"
+            await asyncio.sleep(0.05)
+        seen = len(answers)
+        await until(lambda: len(answers) >= seen + 16, 60)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert server.proc.poll() is None, f"the server died:\n{server.log()[-2000:]}"
+    assert not errors, errors[:5]
+    assert set(before) == {"old"}, {a for a in before}
+    assert set(answers) <= {"old", "new"} and answers[-1] == "new"
+
+
+def test_a_load_that_saw_its_files_change_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    from server.model import ModelLoadError, Snapshot
+
+    live = tmp_path / "live"
+    shutil.copytree(model_dir, live)
+    snapshot = Snapshot(str(live))
+    snapshot.check()  # unchanged: fine
+    os.utime(live / "model.safetensors", ns=(1, 1))  # as a copy in progress would leave it
+    with pytest.raises(ModelLoadError, match="changed while they were being loaded"):
+        snapshot.check()
