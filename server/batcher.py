@@ -133,7 +133,7 @@ class Batcher(Generic[Item]):
         self._closed = False
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._newer_turn = False  # alternates a large request's batches with newer requests' (_anchor)
+        self._newer_turn = False  # the last batch went to a newer request than the oldest (_anchor)
         self.stats = BatchStats()
 
     @property
@@ -308,15 +308,15 @@ class Batcher(Generic[Item]):
 
     def _anchor(self, live: list[_Pending[Item]]) -> int:
         """Where the next batch is drawn from: the oldest pending pair, except that once the oldest request has had a
-        batch's worth of pairs, every other batch goes to the oldest newer request that has not. So a small call
-        waits for about one of a large request's batches, not for all of them, and the large one keeps half."""
-        if live[0].job.launched < self._limits.max_pairs:
-            return 0
-        self._newer_turn = not self._newer_turn
-        if self._newer_turn:
+        batch's worth of pairs, the batch after one of its own goes to the oldest newer request that has not. So a
+        small call waits for about one of a large request's batches, not for all of them, and the large one keeps
+        at least half."""
+        if live[0].job.launched >= self._limits.max_pairs and not self._newer_turn:
             for i, p in enumerate(live):
                 if p.job.launched < self._limits.max_pairs:
+                    self._newer_turn = True
                     return i
+        self._newer_turn = False
         return 0
 
     async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float] | None:
