@@ -106,10 +106,10 @@ def run(args: argparse.Namespace, device: str, model: str) -> tuple[list[Workloa
         r["compute_score"] = failed("compute_score", exc)
     print(f"compute_score {_rates(r['compute_score'])} pairs/s", flush=True)
     try:
-        r["in_process"], r["in_process_startup"] = systems.in_process(model, device, loads)
+        r["in_process"], r["in_process_startup"], r["sync_served"] = systems.in_process(model, device, loads)
     except Exception as exc:
-        r["in_process"], r["in_process_startup"] = failed("in-process", exc), {}
-    print(f"in-process {_rates(r['in_process'])} pairs/s", flush=True)
+        r["in_process"], r["in_process_startup"], r["sync_served"] = failed("in-process", exc), {}, "not run"
+    print(f"in-process {_rates(r['in_process'])} pairs/s; no host sync as served: {r['sync_served']}", flush=True)
     served: list[list[float]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="rerank-gpu-") as tmp:

@@ -127,8 +127,31 @@ class BusySampler:
         return f"{statistics.fmean(self.samples):.0f}% ({len(self.samples)} samples, {self.source})"
 
 
+def launch_check(engine: Any, pairs: list[tuple[str, str]], device: str) -> str:
+    """Does `engine.launch` wait for the device? One untimed launch of the batch, then one under torch's sync debug
+    mode "error"; its collect() runs outside the mode."""
+    if not device.startswith("cuda"):
+        return "n/a (CUDA only)"
+    import torch
+
+    batch = engine.encode(pairs)
+    engine.launch(batch)()  # not checked: a first pass may allocate or choose kernels once
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        collect = engine.launch(batch)
+        verdict = "yes"
+    except Exception as exc:  # the error names the synchronizing call
+        collect, verdict = None, f"no ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if collect is not None:
+        assert len(collect()) == len(batch)
+    return f"{verdict} ({len(batch)} pairs, {type(engine).__name__}.launch)"
+
+
 def sync_check(model: str, device: str, pairs: list[tuple[str, str]]) -> str:
-    """Does the server engine's launch() wait for the device? Run under torch's sync debug mode "error"."""
+    """launch_check on the engine as `server.model.load_engine` returns it: eager, exact widths, no graphs."""
     if not device.startswith("cuda"):
         return "n/a (CUDA only)"
     import torch
@@ -139,21 +162,7 @@ def sync_check(model: str, device: str, pairs: list[tuple[str, str]]) -> str:
     config = load_config(["--model", model, "--device", device])
     engine = load_engine(config, model, config.default_model)
     try:
-        batch = engine.encode(pairs)
-        engine.launch(batch)()  # not checked: a first pass may allocate or choose kernels once
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            collect = engine.launch(batch)
-            verdict = "yes"
-        except Exception as exc:  # the error names the synchronizing call
-            collect, verdict = None, f"no ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        if collect is not None:
-            scores = collect()
-            assert len(scores) == len(batch)
-        return f"{verdict} ({len(batch)} pairs, {type(engine).__name__}.launch)"
+        return launch_check(engine, pairs, device)
     finally:
         del engine
         torch.cuda.empty_cache()

@@ -9,12 +9,13 @@ import gc
 import io
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench import drive
 from bench.common import Workload, percentile, summary
-from bench.gpu_probe import BusySampler, serving_fields, startup_fields
+from bench.gpu_probe import BusySampler, launch_check, serving_fields, startup_fields
 from bench.run import free_port, process
 
 CUDA_BATCH = 128
@@ -123,14 +124,15 @@ async def _timed_loads(loads: list[Workload], device: str, call: Any) -> dict[st
     return out
 
 
-def in_process(model: str, device: str, loads: list[Workload]) -> tuple[dict[str, Any], dict[str, Any]]:
+def in_process(model: str, device: str, loads: list[Workload]) -> tuple[dict[str, Any], dict[str, Any], str]:
     """The server's request path without gRPC, as `bench.closed_loop --in-process`: a RerankServer with default
-    flags in this process, its servicer's `_rerank` called directly by the load's clients (asyncio tasks)."""
+    flags in this process, its servicer's `_rerank` called directly by the load's clients (asyncio tasks). Returns
+    the loads' results, its startup fields, and launch_check on its engine as served (buckets, graphs)."""
     from reranker_proto import reranker_pb2 as pb
     from server.app import RerankServer
     from server.config import load_config
 
-    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+    async def run() -> tuple[dict[str, Any], dict[str, Any], str]:
         config = load_config(["--model", model, "--device", device, "--host", "127.0.0.1", "--port", "0"])
         server = RerankServer(config)
         try:
@@ -142,7 +144,12 @@ def in_process(model: str, device: str, loads: list[Workload]) -> tuple[dict[str
                 resp = await service._rerank(pb.RerankRequest(query=query, candidates=passages))
                 assert len(resp.scores) == len(passages)
 
-            return await _timed_loads(loads, device, call), fields
+            results = await _timed_loads(loads, device, call)
+            engine = service.models[config.default_model].engine
+            check = partial(launch_check, engine, pairs_of(loads[0])[: batch_size(device)], device)
+            # on the inference thread, where the server captured its CUDA graphs; the batcher is idle
+            synced = await asyncio.get_running_loop().run_in_executor(server._infer_pool, check)
+            return results, fields, synced
         finally:
             await server.stop(0)
 
