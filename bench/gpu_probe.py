@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-# The startup line's fields that say how the server ran; `shapes`/`cuda_graphs` arrive with issue 17's items 3-4.
-STARTUP_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens", "batching", "tokenize", "shapes", "cuda_graphs")
+# The startup line's fields that say how the server ran; `tokenize` and `shapes` (issue 17) are named even if absent.
+STARTUP_FIELDS = ("device", "dtype", "batch_size", "max_batch_tokens", "batching", "tokenize", "shapes")
+ALWAYS = ("tokenize", "shapes")
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
@@ -31,7 +32,9 @@ def startup_fields(line: str) -> dict[str, str]:
 
 def describe_fields(found: dict[str, Any]) -> str:
     """The fields that say how a server ran, each marked where this server's line lacks it."""
-    return ", ".join(f"{k}={found[k]}" if k in found else f"{k}: absent" for k in STARTUP_FIELDS)
+    return ", ".join(
+        f"{k}={found[k]}" if k in found else f"{k}: absent" for k in STARTUP_FIELDS if k in found or k in ALWAYS
+    )
 
 
 @contextmanager
