@@ -165,6 +165,51 @@ async def test_reload_swaps_changed_weights_and_keeps_serving_on_a_bad_one(
         await srv.stop(0)
 
 
+async def test_watch_models_reloads_once_the_files_stop_changing(
+    model_dir: Path, other_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.model
+
+    live = tmp_path / "live"
+    shutil.copytree(model_dir, live)
+    real = server.model.files_signature
+    polls: list[object] = []
+    copying = threading.Event()  # while set, every look at the directory finds it changed (a slow copy)
+
+    def signature(path: str) -> object:
+        sig = real(path)
+        polls.append(sig)
+        return (sig, len(polls)) if copying.is_set() else sig
+
+    monkeypatch.setattr(server.model, "files_signature", signature)
+    srv = RerankServer(test_config(live, watch_models=0.05))
+    await srv.start()
+    reloads: list[dict[str, str]] = []
+    reload = srv.reloader.reload
+
+    async def spy() -> dict[str, str]:
+        reloads.append(await reload())
+        return reloads[-1]
+
+    srv.reloader.reload = spy  # type: ignore[method-assign]
+    try:
+        before = srv.service.models["live"].engine.revision
+        copying.set()
+        _replace_weights(other_model_dir, live)
+        seen = len(polls)
+        await until(lambda: len(polls) >= seen + 4)  # four polls while the files keep changing: no reload tried
+        assert reloads == [] and srv.service.models["live"].engine.revision == before
+        copying.clear()  # the copy is done: the next two polls agree, and the model is reloaded
+        await until(lambda: srv.service.models["live"].engine.revision != before, 60)
+        assert reloads == [{"live": "ok"}]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            resp = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
+        pairs = [(QUERY, p) for p in PASSAGES]
+        assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+    finally:
+        await srv.stop(0)
+
+
 def _replace_weights(source: Path, live: Path) -> None:
     """Write the new model's files over the live directory, each by rename (as a deploy tool would)."""
     for f in source.iterdir():
