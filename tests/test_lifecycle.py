@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -184,3 +185,35 @@ def test_a_malformed_cuda_device_is_refused_by_the_config() -> None:
     for device in ("cuda:x", "cudax", "cuda:-1"):
         with pytest.raises(ConfigError, match="device must be"):
             Config(device=device)
+
+
+async def test_sigterm_while_the_model_loads_stops_cleanly(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    loading = asyncio.Event()
+
+    async def never_done(self: RerankServer, name: str, spec: str) -> object:  # a large model, still loading
+        loading.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(RerankServer, "load_engine", never_done)
+    with caplog.at_level(logging.INFO, logger="server"):
+        serving = asyncio.ensure_future(_serve(test_config(model_dir)))
+        await asyncio.wait_for(loading.wait(), 30)
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on this loop, as python -m server does
+        assert await asyncio.wait_for(serving, 30) == 0
+    assert "signal received" in caplog.text and "stopped" in caplog.text and "cannot start" not in caplog.text
+
+
+async def test_a_load_error_that_is_not_a_model_load_error_is_logged_with_its_detail(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(config: Config, spec: str, name: str) -> object:
+        raise KeyError("lm_head.weight")  # a bug or a checkpoint nobody foresaw
+
+    monkeypatch.setattr("server.model.load_engine", broken)
+    assert await _serve(test_config(model_dir)) == 1
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("cannot start")]
+    assert record.getMessage() == "cannot start: failed to load the model"
+    assert record.exc_info is not None and "lm_head.weight" in caplog.text  # the detail, for whoever runs it
