@@ -17,9 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from clients import RerankerClient, Retry, UnavailableError
+from reranker_proto import reranker_pb2 as pb
+from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge import BridgeConfig, start_bridge
 from server.app import RerankServer
 from tests.conftest import test_config
@@ -229,4 +232,21 @@ async def test_a_client_gone_mid_body_is_one_info_line(model_dir: Path, engine: 
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     finally:
         await bridge.cleanup()
+        await srv.stop(0)
+
+
+async def test_an_idle_connection_is_sent_away(model_dir: Path, engine: Any) -> None:
+    """--max-connection-idle-s: a connection without calls gets a GOAWAY; its channel goes idle and reconnects."""
+    srv = RerankServer(test_config(model_dir, max_connection_idle_s=0.5), engine=engine)
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.RerankerStub(channel)
+            await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            # The client's own idle timer is 30 minutes: only the server's GOAWAY takes it out of READY this soon.
+            await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 30)
+            assert channel.get_state() == grpc.ChannelConnectivity.IDLE
+            assert (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)).model  # a new connection serves
+    finally:
         await srv.stop(0)
