@@ -73,7 +73,8 @@ class Scoring:
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
         """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
         order as soon as it is done, so the batcher starts on the first while the rest are tokenized. A request has
-        at most one slice per thread queued at a time, so another caller's slice waits for one slice, not for all."""
+        at most one slice per thread and one more queued at a time, so another caller's slice waits for about two
+        slices, not for all of them."""
         loop, t = asyncio.get_running_loop(), self.tokenizing
         cuts = iter(slices(pairs))
         running: deque[asyncio.Future[list[Any]]] = deque()
@@ -83,7 +84,7 @@ class Scoring:
             if cut is not None:
                 running.append(loop.run_in_executor(t.executor, t.encode, pairs[cut], max_length))
 
-        for _ in range(t.parallel):
+        for _ in range(t.parallel + 1):  # one queued behind those running: the threads never wait for the loop
             more()
         try:
             while running:
