@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,3 +218,31 @@ async def test_a_load_error_that_is_not_a_model_load_error_is_logged_with_its_de
     (record,) = [r for r in caplog.records if r.getMessage().startswith("cannot start")]
     assert record.getMessage() == "cannot start: failed to load the model"
     assert record.exc_info is not None and "lm_head.weight" in caplog.text  # the detail, for whoever runs it
+
+
+async def test_a_hub_id_in_the_local_cache_is_served_offline(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag_reranker: Any
+) -> None:
+    import huggingface_hub.constants
+
+    from reranker_proto import reranker_pb2 as pb
+    from reranker_proto import reranker_pb2_grpc as pb_grpc
+    from server.model import resolve_model_path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-reranker"  # the Hugging Face cache's own layout
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("test-org/tiny-reranker") == str(repo / "snapshots" / commit)  # offline, no probe
+    srv = RerankServer(test_config("test-org/tiny-reranker"))  # type: ignore[arg-type]
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            candidates = ["hi", "The giant panda is a bear species endemic to China."]
+            resp = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query="panda?", candidates=candidates))
+        assert resp.model == "tiny-reranker"
+        assert list(resp.scores) == pytest.approx(flag_reranker.compute_score([["panda?", c] for c in candidates]))
+    finally:
+        await srv.stop(0)
