@@ -9,6 +9,9 @@ import sys
 
 from rest_bridge.app import start_bridge
 from rest_bridge.config import BridgeConfig, load_bridge_config
+from rest_bridge.drain import drain_of
+
+SHUTDOWN_TIMEOUT_S = 10.0  # how long requests in flight at SIGTERM may still take
 
 
 async def serve(config: BridgeConfig) -> None:
@@ -16,9 +19,11 @@ async def serve(config: BridgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, _ = await start_bridge(config)
+    runner, _ = await start_bridge(config, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     try:
         await stop.wait()
+        drain_of(runner).start()  # new requests get 503 with Connection: close
+        await drain_of(runner).wait(SHUTDOWN_TIMEOUT_S)
     finally:
         await runner.cleanup()
 

@@ -10,6 +10,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from rest_bridge import handlers
 from rest_bridge.config import BridgeConfig
+from rest_bridge.drain import DRAIN_KEY, Drain
 from rest_bridge.errors import CONFIG_KEY, error_middleware
 from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
 from rest_bridge.openapi import OPENAPI
@@ -46,9 +47,11 @@ async def root(request: web.Request) -> web.Response:
 
 def create_app(config: BridgeConfig) -> web.Application:
     """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
-    middlewares = [error_middleware, body_middleware(config.body_timeout_s)]
+    drain = Drain()  # first: a draining bridge refuses before it reads a body
+    middlewares = [drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
+    app[DRAIN_KEY] = drain
 
     async def upstream(app: web.Application) -> AsyncIterator[None]:
         app[handlers.UPSTREAM_KEY] = handlers.Upstream(config)

@@ -86,8 +86,12 @@ async def serve(config: Config) -> int:
     await stopping
     log.info("signal received: draining for up to %.1f s", config.grace_s)
     loading.cancel()
+    if bridge is not None:  # REST answers 503 with Connection: close from now on; its calls in flight go on
+        from rest_bridge.drain import drain_of
+
+        drain_of(bridge).start()
+    await server.stop()  # returns once the calls in flight (REST ones included) are answered
     await _stop_bridge(bridge)
-    await server.stop()
     log.info("stopped")
     return 0
 

@@ -8,7 +8,9 @@ import time
 
 from server.errors import Busy, Draining
 
-DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
+DRAINING_MESSAGE = "the server is draining (shutting down): retry on another replica"
+GAP_S = 0.05  # no call arriving for this long: none is on its way through grpc either (loopback to remote: ms)
+SETTLE_S = 2.0  # at most this long after the work is done, looking for such a gap
 
 
 class Admission:
@@ -23,10 +25,11 @@ class Admission:
         self.streams = 0
         self.draining = False
         self.stopping = asyncio.Event()  # set when draining starts: open streams stop reading
+        self._done = asyncio.Event()  # set while draining once no call or stream is open
         self._last_call = -math.inf
 
     def touch(self) -> None:
-        """A call arrived or ended: drain waits for a quiet moment after the last one."""
+        """A call arrived or ended (refusals included)."""
         self._last_call = time.monotonic()
 
     def check_open(self) -> None:
@@ -41,18 +44,38 @@ class Admission:
 
     def leave(self) -> None:
         self.in_flight -= 1
+        self._settle()
 
-    async def drain(self, grace_s: float, quiet_s: float = 0.25) -> None:
-        """Refuse new calls; return once nothing has run or arrived for `quiet_s`, or after `grace_s`.
+    def open_stream(self) -> None:
+        self.streams += 1
 
-        grpc's own stop() cancels calls that reached the server but not yet the servicer; refusing them here
-        first, until callers have gone elsewhere, gives each a clean UNAVAILABLE instead.
+    def close_stream(self) -> None:
+        self.streams -= 1
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.draining and self.in_flight == 0 and self.streams == 0:
+            self._done.set()
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new calls; True once every call and stream in flight has ended, False if `grace_s` passes first.
+
+        Refused callers may keep retrying; they do not hold the drain. Once the work is done it returns at the
+        first gap of GAP_S between their calls (at most SETTLE_S later): grpc's own stop, which follows, cancels
+        (CANCELLED) a call that reached grpc but not yet this server, so it had better start when none is coming.
         """
+        deadline = time.monotonic() + grace_s
         self.draining = True
         self.stopping.set()
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            idle = self.in_flight == 0 and self.streams == 0
-            if idle and time.monotonic() - self._last_call >= quiet_s:
-                return
-            await asyncio.sleep(0.02)
+        self._settle()
+        try:
+            await asyncio.wait_for(self._done.wait(), grace_s)
+        except TimeoutError:
+            return False
+        settled = min(deadline, time.monotonic() + SETTLE_S)
+        while (now := time.monotonic()) < settled:
+            gap_left = self._last_call + GAP_S - now
+            if gap_left <= 0:
+                break
+            await asyncio.sleep(min(gap_left, settled - now))
+        return True

@@ -244,8 +244,13 @@ class RerankServer:
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        await self.interceptor.drain(grace)
-        await self.server.stop(max(0.0, deadline - time.monotonic()))
+        if await self.interceptor.drain(grace):
+            # All work is done; still open are refusals being answered and health watches. grpc's stop sends
+            # GOAWAY (no new calls), lets the refusals end, and cancels the watches after a moment.
+            await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))
+        else:
+            log.warning("the grace period of %.1f s ended with calls in flight: cutting them off", grace)
+            await self.server.stop(0)
         await self.reloader.stop()
         for scoring in self.service.models.values():
             await scoring.batcher.stop()

@@ -32,6 +32,9 @@ MAX_REQUEST_ID_CHARS = 128
 DEADLINE_SKEW_S = 0.25
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
 AMBIGUOUS_MESSAGE = "several 'authorization' metadata entries: send exactly one, 'Bearer <key>'"
+# On RESOURCE_EXHAUSTED: how long a caller should wait before resending (clients/python_client.py honours it).
+RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_AFTER_MS = 200
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -50,6 +53,7 @@ class _Call:
 
     code: grpc.StatusCode = grpc.StatusCode.OK
     pairs: int = 0
+    refused: bool = False  # queue full, over the cap, or draining: a DEBUG access line, not INFO
     stream: dict[str, int] = field(default_factory=dict)  # RerankStream: requests, answered, errors
 
 
@@ -70,9 +74,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def in_flight(self) -> int:
         return self.admission.in_flight
 
-    async def drain(self, grace_s: float) -> None:
-        """Refuse new calls with UNAVAILABLE; streams stop reading, answer what they read, and close."""
-        await self.admission.drain(grace_s)
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new calls with UNAVAILABLE; streams stop reading, answer what they read, and close.
+
+        True once no call or stream is in flight, False if `grace_s` passed first.
+        """
+        return await self.admission.drain(grace_s)
 
     async def intercept_service(
         self,
@@ -119,9 +126,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     self.admission.enter()
                 except Exception as exc:  # Busy: over --max-concurrent-rpcs
                     call.code, message = status_for(exc)
-                    await context.abort(call.code, message)
+                    await _refuse(context, call, message)
                 try:
-                    return await behavior(request, context)
+                    return await behavior(request, _Hinting(context))
                 finally:
                     self.admission.leave()
 
@@ -131,14 +138,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(stream={"requests": 0, "answered": 0, "errors": 0})
             async with self._rpc(method, context, call):
-                self.admission.streams += 1
+                self.admission.open_stream()
                 try:
                     async for answer in behavior(self._counted(requests, call), context):
                         if not answer.HasField("draining"):  # the drain notice answers no request
                             self._count_answer(method, answer, call)
                         yield answer
                 finally:
-                    self.admission.streams -= 1
+                    self.admission.close_stream()
 
         return serve
 
@@ -176,7 +183,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.check_open()
             except Exception as exc:  # Draining
                 call.code, message = status_for(exc)
-                await context.abort(call.code, message)
+                await _refuse(context, call, message)
             if self._expected is not None:
                 await self._authenticate(auths, context, call)
             yield
@@ -212,12 +219,49 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if not call.stream:  # a stream's requests are counted one by one as they are answered
             m.requests.labels(method, call.code.name).inc()
             m.request_seconds.labels(method).observe(seconds)
-        access_log.info(
+        # A refusal is counted, not logged at INFO: under a retry storm one line each would cost more than the
+        # refusal itself, and flood the log.
+        if call.refused or call.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if not access_log.isEnabledFor(logging.DEBUG):
+                return
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        access_log.log(
+            level,
             "rpc",
             extra=fields(
                 method=method, code=call.code.name, ms=round(seconds * 1e3, 2), pairs=call.pairs, **call.stream
             ),
         )
+
+
+async def _refuse(context: grpc.aio.ServicerContext, call: _Call, message: str) -> None:
+    """Answer the call's refusal (call.code) at once; RESOURCE_EXHAUSTED carries the retry-after hint."""
+    call.refused = True
+    await context.abort(call.code, message, _trailers(context, call.code))
+
+
+def _trailers(context: grpc.aio.ServicerContext, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata set so far (the request id), plus the retry-after hint on RESOURCE_EXHAUSTED."""
+    trailers = tuple(context.trailing_metadata() or ())
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailers += ((RETRY_AFTER_KEY, str(RETRY_AFTER_MS)),)
+    return trailers
+
+
+class _Hinting:
+    """The servicer's context, but a RESOURCE_EXHAUSTED it answers (a full queue) carries the retry-after hint."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        trailers = tuple(trailing_metadata) or _trailers(self._context, code)
+        await self._context.abort(code, details, trailers)
 
 
 def _open_handler(handler: grpc.RpcMethodHandler, path: str, parse: Any) -> grpc.RpcMethodHandler:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import SERVICE_NAME, RerankServer
 from tests.conftest import test_config
-from tests.ops_helpers import GatedEngine, free_port, sample, scrape
+from tests.ops_helpers import GatedEngine, free_port, sample, scrape, until
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -32,6 +33,7 @@ async def _refused(port: int) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await pb_grpc.RerankerStub(ch).Rerank(RERANK, timeout=10)
+    assert "draining" in (err.value.details() or "")
     return err.value.code()
 
 
@@ -62,6 +64,44 @@ async def test_stop_drains_in_flight_rpcs_and_refuses_new_ones(model_dir: Path, 
     finally:
         gate.gate.set()
         await srv.stop(0)
+
+
+async def test_the_drain_ends_with_its_work_while_a_refused_client_keeps_retrying(
+    model_dir: Path, engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = GatedEngine(engine)
+    srv = RerankServer(test_config(model_dir, grace_s=60.0), engine=gate)
+    await srv.start()
+    codes: list[grpc.StatusCode] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.RerankerStub(ch)
+            gate.gate.clear()
+            in_flight = asyncio.ensure_future(stub.Rerank(RERANK, timeout=60))
+            await asyncio.to_thread(gate.entered.wait, 30)
+            stopping = asyncio.ensure_future(srv.stop())
+
+            async def retrying() -> None:  # every 0.2 s, until the server has stopped (at most 300 tries)
+                for _ in range(300):
+                    if stopping.done():
+                        return
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Rerank(RERANK, timeout=10)
+                    codes.append(err.value.code())
+                    await asyncio.sleep(0.2)
+
+            retries = asyncio.ensure_future(retrying())
+            await until(lambda: len(codes) >= 3)  # refused, and retrying, while the held call runs
+            assert not stopping.done()
+            gate.gate.set()
+            assert len((await in_flight).scores) == 1
+            await asyncio.wait_for(stopping, 45)  # before the 60 s grace: the refusals do not hold it
+            await asyncio.wait_for(retries, 30)
+    finally:
+        gate.gate.set()
+        await srv.stop(0)
+    assert set(codes) == {grpc.StatusCode.UNAVAILABLE}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_rpcs_still_running_after_the_grace_are_cut_off(model_dir: Path, engine: Any) -> None:
