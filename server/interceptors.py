@@ -126,9 +126,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     self.admission.enter()
                 except Exception as exc:  # Busy: over --max-concurrent-rpcs
                     call.code, message = status_for(exc)
-                    await _refuse(context, call, message)
+                    await _refuse(context, call, message, self.admission)
                 try:
-                    return await behavior(request, _Hinting(context))
+                    return await behavior(request, _Hinting(context, self.admission))
                 finally:
                     self.admission.leave()
 
@@ -183,7 +183,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.check_open()
             except Exception as exc:  # Draining
                 call.code, message = status_for(exc)
-                await _refuse(context, call, message)
+                await _refuse(context, call, message, self.admission)
             if self._expected is not None:
                 await self._authenticate(auths, context, call)
             yield
@@ -236,9 +236,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-async def _refuse(context: grpc.aio.ServicerContext, call: _Call, message: str) -> None:
-    """Answer the call's refusal (call.code) at once; RESOURCE_EXHAUSTED carries the retry-after hint."""
+async def _refuse(context: grpc.aio.ServicerContext, call: _Call, message: str, admission: Admission) -> None:
+    """Answer the call's refusal (call.code); RESOURCE_EXHAUSTED carries the retry-after hint and, in a storm of
+    refusals, waits its turn first (Admission.hold_refusal)."""
     call.refused = True
+    if call.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        await admission.hold_refusal(context.time_remaining())
     await context.abort(call.code, message, _trailers(context, call.code))
 
 
@@ -251,15 +254,18 @@ def _trailers(context: grpc.aio.ServicerContext, code: grpc.StatusCode) -> tuple
 
 
 class _Hinting:
-    """The servicer's context, but a RESOURCE_EXHAUSTED it answers (a full queue) carries the retry-after hint."""
+    """The servicer's context, but a RESOURCE_EXHAUSTED it answers (a full queue) is a refusal like the cap's."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, admission: Admission) -> None:
         self._context = context
+        self._admission = admission
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await self._admission.hold_refusal(self._context.time_remaining())
         trailers = tuple(trailing_metadata) or _trailers(self._context, code)
         await self._context.abort(code, details, trailers)
 
