@@ -284,7 +284,7 @@ class RerankerService(pb_grpc.RerankerServicer):
             ),
             version=__version__,
             batch_size=scoring.batcher.limits.max_pairs,
-            models=list(self.models),
+            models=[n for n, _ in c.models],  # served: loaded, or still loading (then UNAVAILABLE)
             revision=engine.revision,
         )
 

@@ -493,6 +493,9 @@ async def test_the_bridge_caches_the_model_list_and_looks_again_for_a_name_it_do
     three_models.service.models["three"] = three  # loaded since the bridge looked
     resp = await bridge.post("/v1/rerank", json={"model": "three", "query": QUERY, "documents": PASSAGES})
     assert resp.status == 200 and (await resp.json())["model"] == "three"
+    assert _info_calls(three_models) == before + 1  # served (then loading) from the start: already in the list
+    resp = await bridge.post("/v1/rerank", json={"model": "four", "query": QUERY, "documents": PASSAGES})
+    assert resp.status == 404 and "one, two, three" in await resp.text()
     assert _info_calls(three_models) == before + 2  # an unknown name made it look again
     resp = await bridge.get("/v1/models")
     assert [m["id"] for m in (await resp.json())["data"]] == ["one", "two", "three"]
@@ -521,12 +524,6 @@ async def test_server_rest_port_routes_legacy_models_by_flag(
         await runner.cleanup()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rest_bridge/handlers.py Upstream.route: the one-model rule (any name is scored by the only model) is "
-    "judged on the models *loaded*, not those served: while a second model is still loading, and for up to "
-    "MODELS_TTL_S (10 s) after from the cached list, a caller naming it gets the first model's scores (200)",
-)
 async def test_a_model_still_loading_is_never_answered_by_another(
     two_models: RerankServer, aiohttp_client: Any
 ) -> None:
