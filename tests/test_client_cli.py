@@ -67,7 +67,7 @@ def test_rerank_over_mutual_tls_with_an_api_key_normalize_and_model(
     assert code == 1 and err.startswith("error: NOT_FOUND") and "nope" in err  # --model reaches the server
     code, _, err = run(capsys, "rerank", *connection(secure, pki, "--api-key"), *query)
     assert code == 1 and err.startswith("error: UNAUTHENTICATED")
-    code, _, err = run(capsys, "info", *connection(secure, pki, "--client-cert", "--client-key"), "--timeout", "5")
+    code, _, err = run(capsys, "info", *connection(secure, pki, "--client-cert", "--client-key"), "--timeout", "2")
     assert code == 1 and "Traceback" not in err  # mutual TLS: no client certificate, no answer
 
 
