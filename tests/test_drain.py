@@ -13,7 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
-from server.app import SERVICE_NAME
+from rest_bridge import BridgeConfig, start_bridge
+from rest_bridge.drain import drain_of
+from server.app import SERVICE_NAME, RerankServer
 from tests.load import is_whole, rerank_request
 from tests.ops_helpers import free_port, sample, scrape
 from tests.subprocess_server import ServerProcess
@@ -123,3 +125,29 @@ async def test_sigterm_exits_when_the_work_is_done_although_refused_clients_keep
     log = srv.log()
     assert "Traceback" not in log and "ERROR" not in log and "Exception not handled" not in log, log[-3000:]
     assert "stopped" in log
+
+
+async def test_a_draining_bridge_answers_503_with_connection_close_while_its_calls_in_flight_finish(
+    server: RerankServer,
+) -> None:
+    runner, port = await start_bridge(BridgeConfig(grpc_target=f"127.0.0.1:{server.port}", host="127.0.0.1", port=0))
+    drain = drain_of(runner)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, headers, _ = await _http(reader, writer, _get_health(port))
+        assert status == 200 and headers.get("connection", "keep-alive").lower() != "close"
+        drain.start()
+        assert await drain.wait(5.0)  # nothing in flight
+        for route, key in (("/rerank", "error"), ("/v1/rerank", "message")):  # each route's own error shape
+            other_reader, other_writer = await asyncio.open_connection("127.0.0.1", port)
+            request = _post_rerank(port).replace(b"POST /rerank ", f"POST {route} ".encode())
+            status, headers, body = await _http(other_reader, other_writer, request)
+            assert status == 503 and headers["connection"].lower() == "close"
+            assert "draining" in json.loads(body)[key]
+            other_writer.close()
+        status, headers, body = await _http(reader, writer, _get_health(port))  # the kept-alive connection
+        assert status == 503 and headers["connection"].lower() == "close"
+        assert await reader.read() == b""  # and the bridge closed it
+        writer.close()
+    finally:
+        await runner.cleanup()
