@@ -32,7 +32,7 @@ MAX_REQUEST_ID_CHARS = 128
 DEADLINE_SKEW_S = 0.25
 UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send metadata 'authorization: Bearer <key>'"
 AMBIGUOUS_MESSAGE = "several 'authorization' metadata entries: send exactly one, 'Bearer <key>'"
-# On RESOURCE_EXHAUSTED: how long a caller should wait before resending (clients/python_client.py honours it).
+# On RESOURCE_EXHAUSTED: how long a caller should wait before resending (README, Errors).
 RETRY_AFTER_KEY = "retry-after-ms"
 RETRY_AFTER_MS = 200
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
