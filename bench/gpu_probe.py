@@ -160,7 +160,7 @@ def sync_check(model: str, device: str, pairs: list[tuple[str, str]]) -> str:
     import torch
 
     from server.config import load_config
-    from server.model import load_engine
+    from server.engine.load import load_engine
 
     config = load_config(["--model", model, "--device", device])
     engine = load_engine(config, model, config.default_model)

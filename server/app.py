@@ -162,7 +162,7 @@ class RerankServer:
 
     async def load_engine(self, name: str, spec: str) -> object:
         """Load one model on a thread of its own: a reload does not hold up the inference thread."""
-        from server.model import load_engine  # torch is imported only when a model is loaded
+        from server.engine.load import load_engine  # torch is imported only when a model is loaded
 
         return await asyncio.to_thread(load_engine, self.config, spec, name)
 

@@ -246,17 +246,6 @@ def _model_token_limit(flag: FlagReranker) -> int:
     return int(getattr(flag.model.config, "max_position_embeddings", 512))
 
 
-def load_engine(config: Config, model: str, name: str) -> Any:
-    """Load `model` (hub id or directory) under `name` with the class its kind needs (config.json, --model-type)."""
-    from server.llm_model import LLMRerankerModel, model_kind
-
-    path = resolve_model_path(model)  # once: for a hub id it probes the network
-    kind = model_kind(path, config.model_type)
-    if kind == "cross-encoder":
-        return RerankerModel(config, path, name)
-    return LLMRerankerModel(config, path, kind, name)
-
-
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
 

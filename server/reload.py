@@ -12,10 +12,24 @@ import glob
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from server.app import RerankServer
+from server.config import Config
+from server.metrics import Metrics
+from server.service import RerankerService, Scoring
+
+
+class Host(Protocol):
+    """What the reloader needs of the server (server.app.RerankServer)."""
+
+    config: Config
+    service: RerankerService
+    metrics: Metrics
+
+    async def load_engine(self, name: str, spec: str) -> object: ...
+
+    async def serve_model(self, name: str, engine: Any) -> Scoring: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +61,7 @@ def _explain(exc: Exception, path: str) -> str:
 class ModelReloader:
     """Checks the served models' directories and swaps in the ones whose files changed."""
 
-    def __init__(self, server: RerankServer) -> None:
+    def __init__(self, server: Host) -> None:
         self._server = server
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -13,7 +13,7 @@ import torch
 
 from server.engine.buckets import Buckets
 from server.engine.launch import Launcher
-from server.model import load_engine
+from server.engine.load import load_engine
 from tests.conftest import test_config
 from tools.make_model import SENTENCES, build_llm_model
 
