@@ -36,7 +36,10 @@ class InvalidRequestError(RerankerError, ValueError):
 
 
 class OverloadedError(RerankerError):
-    """The server's queue is full (RESOURCE_EXHAUSTED): back off and retry."""
+    """The server's queue is full (RESOURCE_EXHAUSTED): back off and retry, after `retry_after_s` where the server
+    said how long (its `retry-after-ms` trailer), else with your own backoff."""
+
+    retry_after_s: float | None = None
 
 
 class UnavailableError(RerankerError, ConnectionError):
@@ -74,7 +77,20 @@ def error_from_rpc(exc: grpc.RpcError) -> RerankerError:
     """The typed error for a failed RPC (sync `grpc.RpcError` and `grpc.aio.AioRpcError` alike)."""
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     message: str = exc.details() or code.name.lower()  # type: ignore[attr-defined]
-    return ERROR_BY_STATUS.get(code, RerankerError)(code, message)
+    error = ERROR_BY_STATUS.get(code, RerankerError)(code, message)
+    if isinstance(error, OverloadedError):
+        error.retry_after_s = _retry_after_s(exc)
+    return error
+
+
+def _retry_after_s(exc: grpc.RpcError) -> float | None:
+    """The server's `retry-after-ms` trailer, in seconds; None when absent or not a number."""
+    try:
+        trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+        value = next((v for k, v in trailers if k == "retry-after-ms"), None)
+        return None if value is None else max(0.0, float(value) / 1e3)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 # grpc.aio reports a write into a stream the server has just ended as this INTERNAL status, hiding the server's

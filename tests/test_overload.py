@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from clients._common import OverloadedError, error_from_rpc
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import admission
@@ -63,6 +64,8 @@ async def test_a_refusal_carries_the_retry_after_hint_and_logs_nothing_at_info(
             assert ("queue limit of 4" if limit == "queue" else "--max-concurrent-rpcs") in (refused.details() or "")
             trailers = dict(refused.trailing_metadata() or ())
             assert trailers[RETRY_AFTER_KEY] == str(RETRY_AFTER_MS) and trailers["x-request-id"]
+            error = error_from_rpc(refused)  # what the Python client raises
+            assert isinstance(error, OverloadedError) and error.retry_after_s == RETRY_AFTER_MS / 1e3
             assert not _loud(caplog)  # the access line of a refusal is DEBUG
             assert any(r.name == "server.access" and r.levelno == logging.DEBUG for r in caplog.records)
             gate.gate.set()
