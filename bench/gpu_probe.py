@@ -154,7 +154,7 @@ def launch_check(engine: Any, pairs: list[tuple[str, str]], device: str) -> str:
 
 
 def sync_check(model: str, device: str, pairs: list[tuple[str, str]]) -> str:
-    """launch_check on the engine as `server.model.load_engine` returns it: eager, exact widths, no graphs."""
+    """launch_check on the engine as `server.engine.load.load_engine` returns it: eager, exact widths, no graphs."""
     if not device.startswith("cuda"):
         return "n/a (CUDA only)"
     import torch

@@ -132,7 +132,7 @@ def render(command: str, env: dict[str, Any], loads: list[Workload], r: dict[str
             "",
             *latency(r, warm),
             "",
-            f"- No host sync in launch: {r['sync']} (engine from `server.model.load_engine`: eager, exact widths); "
+            f"- No host sync in launch: {r['sync']} (engine from `server.engine.load.load_engine`: eager); "
             f"{r['sync_served']} (the in-process server's engine as served: shape buckets, CUDA graphs)",
             f"- Our server's startup line: {describe_fields(r['startup'])}",
             f"- In-process server's startup: {describe_fields(r['in_process_startup'])}",

@@ -126,7 +126,7 @@ def _costs_of(engine: Any, pairs: list[tuple[str, str]], repeats: int) -> dict[s
 def run_costs(model_dir: str, workloads: list[Workload], repeats: int = 3) -> dict[str, Any]:
     """compute_score's parts on the first request of each workload, against the server's lean path."""
     from server.config import Config
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     engine = RerankerModel(Config(model=model_dir, device="cpu", batch_size=BATCH_SIZE, max_length=MAX_LENGTH))
     engine.warm_up()

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(model=str(build_model(tmp, "tiny")), host="127.0.0.1", port=0, api_key=KEY)

@@ -62,7 +62,7 @@ def main() -> None:
 
     from FlagEmbedding import FlagReranker
 
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else build_model(tmp, args.shape)

@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=int, default=200)
     args = parser.parse_args()
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Config(model=str(build_model(tmp, "tiny")), host="127.0.0.1", port=0)

@@ -74,7 +74,7 @@ async def serve(config: Config) -> int:
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
         exc = loading.exception()
-        from server.model import ModelLoadError
+        from server.engine.model import ModelLoadError
 
         if isinstance(exc, ModelLoadError):
             log.error("cannot start: %s", exc)

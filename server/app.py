@@ -19,9 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
-from server.batcher import Batcher, BatchLimits
 from server.config import Config, ConfigError
 from server.connections import LocalSocket, connection_options, ensure_fd_limit
+from server.engine.batcher import Batcher, BatchLimits
 from server.engine.warm import prepare
 from server.interceptors import ServerInterceptor
 from server.logs import fields
@@ -31,7 +31,7 @@ from server.service import RerankerService, Scoring
 from server.tokenize.tokenizing import Tokenizing, worker_count
 
 if TYPE_CHECKING:
-    from server.model import Batching
+    from server.engine.model import Batching
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from server.batcher import Overloaded
+from server.engine.batcher import Overloaded
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ RETIRE_TIMEOUT_S = 300.0  # a replaced model's batcher waits this long at most f
 
 
 def _revision_on_disk(path: str) -> str | None:
-    from server.model import revision
+    from server.engine.model import revision
 
     return revision(path) if os.path.isdir(path) else None
 
@@ -104,7 +104,7 @@ class ModelReloader:
 
     async def _watch(self, interval_s: float) -> None:
         """Reload a directory once its files changed and then stayed unchanged for one interval (copy finished)."""
-        from server.model import files_signature
+        from server.engine.model import files_signature
 
         def signatures() -> dict[str, object]:
             return {n: files_signature(s.engine.path) for n, s in self._server.service.models.items()}

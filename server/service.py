@@ -15,9 +15,9 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.admission import Admission
-from server.batcher import Batcher
 from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
+from server.engine.batcher import Batcher
 from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.interceptors import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
@@ -58,7 +58,7 @@ class Scoring:
     engine: Engine
     batcher: Batcher[Any]
     tokenizing: Tokenizing  # threads or worker processes: tokenizing overlaps the forward pass, off the loop
-    batching: Any  # the budgets the batcher was given and where they came from (server.model.Batching)
+    batching: Any  # the budgets the batcher was given and where they came from (server.engine.model.Batching)
     shapes: str = ""  # how the device's shapes were warmed (server.engine.warm), for the startup line
 
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:

@@ -34,7 +34,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="session")
 def engine(model_dir: Path) -> Any:
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     return RerankerModel(test_config(model_dir))
 

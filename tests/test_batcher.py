@@ -14,7 +14,7 @@ import pytest
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
-from server.batcher import Batcher, BatchLimits, Overloaded, eager
+from server.engine.batcher import Batcher, BatchLimits, Overloaded, eager
 from tests.ops_helpers import until
 
 

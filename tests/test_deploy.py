@@ -340,7 +340,7 @@ def test_manifests_are_well_formed(folder: Path) -> None:
 
 def test_an_empty_model_directory_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
     # `docker run -v /missing/on/host:/home/app/model/bge-reranker-base` mounts an empty directory.
-    from server.model import ModelLoadError, resolve_model_path
+    from server.engine.model import ModelLoadError, resolve_model_path
 
     with pytest.raises(ModelLoadError, match="has no config.json.*--model"):
         resolve_model_path(str(tmp_path))

@@ -97,8 +97,8 @@ def test_a_model_that_refuses_prepared_masks_keeps_its_own(engine: Any, caplog: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the host-sync check needs a CUDA device")
 def test_launch_makes_no_host_sync_on_cuda(model_dir: Path) -> None:
+    from server.engine.model import RerankerModel
     from server.engine.warm import prepare
-    from server.model import RerankerModel
 
     engine = RerankerModel(test_config(model_dir, device="cuda"))
     prepare(engine, engine.batching(test_config(model_dir, device="cuda")), "off")

@@ -147,7 +147,7 @@ async def test_a_grpc_or_rest_port_in_use_fails_with_a_clear_message(
 
 
 def test_max_length_above_the_models_limit_is_refused_at_load(model_dir: Path) -> None:
-    from server.model import ModelLoadError, RerankerModel
+    from server.engine.model import ModelLoadError, RerankerModel
 
     with pytest.raises(ModelLoadError, match="--max-length 513 is above the model's limit of 512 tokens"):
         RerankerModel(test_config(model_dir, max_length=513))
@@ -167,7 +167,7 @@ async def test_device_cuda_without_cuda_fails_to_start_clearly(
 def test_cuda_device_numbers_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from server.model import ModelLoadError, pick_device
+    from server.engine.model import ModelLoadError, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two devices, as far as the server can tell
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -221,7 +221,7 @@ async def test_a_hub_id_in_the_local_cache_is_served_offline(
 
     from reranker_proto import reranker_pb2 as pb
     from reranker_proto import reranker_pb2_grpc as pb_grpc
-    from server.model import resolve_model_path
+    from server.engine.model import resolve_model_path
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--test-org--tiny-reranker"  # the Hugging Face cache's own layout

@@ -18,8 +18,8 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.config import load_config
-from server.llm_model import LLMRerankerModel, layerwise_compat, load_flag_reranker, model_kind
-from server.model import ModelLoadError, RerankerModel
+from server.engine.llm_model import LLMRerankerModel, layerwise_compat, load_flag_reranker, model_kind
+from server.engine.model import ModelLoadError, RerankerModel
 from tests.conftest import test_config
 from tools.make_model import SENTENCES, build_layerwise_model, build_llm_model
 

@@ -22,7 +22,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.config import ConfigError, load_config, parse_models
-from server.model import RerankerModel
+from server.engine.model import RerankerModel
 from tests.conftest import test_config
 from tests.ops_helpers import free_port, sample, scrape, until
 from tests.subprocess_server import ServerProcess
@@ -169,11 +169,11 @@ async def test_reload_swaps_changed_weights_and_keeps_serving_on_a_bad_one(
 async def test_watch_models_reloads_once_the_files_stop_changing(
     model_dir: Path, other_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.model
+    import server.engine.model
 
     live = tmp_path / "live"
     shutil.copytree(model_dir, live)
-    real = server.model.files_signature
+    real = server.engine.model.files_signature
     polls: list[object] = []
     copying = threading.Event()  # while set, every look at the directory finds it changed (a slow copy)
 
@@ -182,7 +182,7 @@ async def test_watch_models_reloads_once_the_files_stop_changing(
         polls.append(sig)
         return (sig, len(polls)) if copying.is_set() else sig
 
-    monkeypatch.setattr(server.model, "files_signature", signature)
+    monkeypatch.setattr(server.engine.model, "files_signature", signature)
     srv = RerankServer(test_config(live, watch_models=0.05))
     await srv.start()
     reloads: list[dict[str, str]] = []
@@ -430,7 +430,7 @@ async def _calls_through_copies_in_place(
 
 
 def test_a_load_that_saw_its_files_change_is_refused(model_dir: Path, tmp_path: Path) -> None:
-    from server.model import ModelLoadError, Snapshot
+    from server.engine.model import ModelLoadError, Snapshot
 
     live = tmp_path / "live"
     shutil.copytree(model_dir, live)

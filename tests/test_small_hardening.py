@@ -133,7 +133,7 @@ def test_make_model_writes_files_others_can_read_and_prints_only_the_path(tmp_pa
 def test_the_offline_error_names_the_random_model_command(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from server.model import ModelLoadError, resolve_model_path
+    from server.engine.model import ModelLoadError, resolve_model_path
     from tests.test_bridge_process import free_port
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # a hub that refuses connections

@@ -88,7 +88,7 @@ def _check_same_ids(engine: Any, flag_reranker: Any, pairs: list[tuple[str, str]
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: Any) -> Any:
-    from server.model import RerankerModel
+    from server.engine.model import RerankerModel
 
     model = RerankerModel(test_config(build_bert_model(tmp_path_factory.mktemp("bert"))))
     assert model.encoder.rust and "token_type_ids" in model.encoder.extra_keys
@@ -114,7 +114,7 @@ def paths(request: pytest.FixtureRequest, engine: Any, flag_reranker: Any, bert:
     """(engine, FlagReranker) for each way encode can go: the Rust calls joining encodings (`post_process`), the Rust
     calls encoding pairs (a BERT tokenizer: token type ids 0 and 1, lower-casing), the tokenizer's Python layer, and
     the Rust paths in a worker process (what the server runs with --tokenize-workers)."""
-    from server.model import TokenizerCopies
+    from server.engine.model import TokenizerCopies
 
     if request.param == "rust":
         yield engine, flag_reranker

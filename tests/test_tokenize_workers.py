@@ -138,7 +138,7 @@ def test_workers_exit_when_the_server_is_sigkilled(model_dir: Path, tmp_path: Pa
             f"""
             import sys, time
             from server.config import Config
-            from server.model import RerankerModel
+            from server.engine.model import RerankerModel
             from server.tokenize.workers import TokenizerWorkers
             w = TokenizerWorkers(RerankerModel(Config(model={str(model_dir)!r})).encoder, 2)
             w.start()

@@ -154,7 +154,7 @@ LLM_TEXTS = [
 ]
 LLM_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
 # Weights wide enough to spread the scores, narrow enough that compute_score's own padding (which shifts the
-# rotary positions, see server/llm_model.py) moves them by float rounding only.
+# rotary positions, see server/engine/llm_model.py) moves them by float rounding only.
 LLM_INIT = 0.2
 
 
@@ -220,7 +220,7 @@ def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
     )
     from safetensors.torch import save_file
 
-    from server.llm_model import layerwise_compat
+    from server.engine.llm_model import layerwise_compat
 
     tokenizer = build_causal_tokenizer(bos=True, padding_side="left")
     with layerwise_compat():  # the model's code predates transformers 5

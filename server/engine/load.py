@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from server.config import Config
-from server.llm_model import LLMRerankerModel, model_kind
-from server.model import RerankerModel, resolve_model_path
+from server.engine.llm_model import LLMRerankerModel, model_kind
+from server.engine.model import RerankerModel, resolve_model_path
 
 
 def load_engine(config: Config, model: str, name: str) -> Any:

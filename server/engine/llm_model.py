@@ -29,7 +29,7 @@ from FlagEmbedding.inference.reranker.decoder_only.models.modeling_minicpm_reran
 
 from server.config import MODEL_TYPES, Config
 from server.engine.launch import Arrays, Collect, Launcher
-from server.model import (
+from server.engine.model import (
     CPU_BATCH_SIZE,
     ModelLoadError,
     RerankerModel,
