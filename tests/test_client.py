@@ -135,7 +135,7 @@ async def test_invalid_arguments_caught_before_sending(client: AsyncRerankerClie
 async def test_resource_exhausted_when_the_queue_is_full(slow_server: RerankServer) -> None:
     async with AsyncRerankerClient(f"127.0.0.1:{slow_server.port}") as client:
         first = asyncio.ensure_future(client.rerank(QUERY, CANDIDATES))  # 4 of the 5 places, waiting for company
-        batcher = slow_server.engine.batcher()
+        batcher = slow_server.batcher()
         assert batcher is not None
         await until(lambda: batcher.queued_pairs == len(CANDIDATES))
         with pytest.raises(OverloadedError) as err:
@@ -153,7 +153,7 @@ async def test_deadline_exceeded_and_the_server_keeps_serving(slow_server: Reran
             await client.rerank(QUERY, ["hi"], timeout=0.2)  # its batch never fills
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(err.value, TimeoutError)
-        batcher = slow_server.engine.batcher()
+        batcher = slow_server.batcher()
         assert batcher is not None
         await until(lambda: batcher.queued_pairs == 0)  # the server's own deadline (a moment later) dropped it
         full = await asyncio.gather(client.rerank(QUERY, CANDIDATES), client.rerank(QUERY, ["hi"]))  # 5 pairs

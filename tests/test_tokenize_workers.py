@@ -158,3 +158,21 @@ def test_workers_exit_when_the_server_is_sigkilled(model_dir: Path, tmp_path: Pa
         parent.kill()
         parent.wait()
     _wait_for(lambda: not any(_alive(p) for p in pids), "the workers gone after their parent's SIGKILL")
+
+
+def test_an_llm_rerankers_inputs_through_a_worker_equal_its_own(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A decoder-only reranker's PromptEncoder (bos, separators, prompt) pickles to a worker and gives the same ids."""
+    from server.engine.load import load_engine
+    from tools.make_model import build_llm_model
+
+    path = build_llm_model(tmp_path_factory.mktemp("gemma"), arch="gemma")
+    llm = load_engine(test_config(path), str(path), "gemma")
+    pairs = [("what is panda?", s) for s in SENTENCES] + [("q " * 200, "p " * 600)]
+    workers = TokenizerWorkers(llm.encoder, 1)
+    workers.start()
+    try:
+        for max_length in (None, 24):
+            ours = [list(e.input_ids) for e in workers.encode(pairs, max_length)]
+            assert ours == [list(e.input_ids) for e in llm.encode(pairs, max_length)]
+    finally:
+        workers.close()
