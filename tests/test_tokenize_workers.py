@@ -75,7 +75,7 @@ async def worker_server(model_dir: Path, engine: Any) -> Any:
 async def test_scores_through_a_worker_equal_compute_score(worker_server: RerankServer, flag_reranker: Any) -> None:
     tokenizing = worker_server.service.scoring.tokenizing  # type: ignore[union-attr]
     assert tokenizing.workers is not None and len(tokenizing.workers.pids) == 1
-    assert tokenizing.describe().startswith("1 processes")
+    assert tokenizing.describe().startswith("1 process (started in")
     query, passages = "what is panda?", SENTENCES * 30  # 330 pairs: three slices, one worker
     async with grpc.aio.insecure_channel(f"127.0.0.1:{worker_server.port}") as ch:
         reply = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query=query, candidates=passages))

@@ -72,8 +72,9 @@ class Tokenizing:
     def describe(self) -> str:
         """For the startup line."""
         if self.workers:
-            return f"{self.workers.count} processes (started in {self.start_s:.1f} s)"
-        return f"{self.threads} threads in-process"
+            n = self.workers.count
+            return f"{n} process{'es' if n > 1 else ''} (started in {self.start_s:.1f} s)"
+        return f"{self.threads} thread{'s' if self.threads > 1 else ''} in-process"
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
