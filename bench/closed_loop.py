@@ -35,9 +35,8 @@ async def in_process(model: str, load: Workload, flags: list[str], repeat: int) 
 
     config = load_config(["--model", model, "--host", "127.0.0.1", "--port", "0", *flags])
     server = RerankServer(config)
-    await server.start()
+    await server.start()  # binds, loads and warms the model
     try:
-        await server.load()
         service = server.service
 
         async def workload() -> dict[str, Any]:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from bench.run import ENV, ROOT, free_port, model_dir
+from bench.run import ENV, ROOT, free_port, model_dir, process
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 
@@ -94,23 +93,11 @@ def server(model: str, flags: list[str], log: Path, cpus: set[int] | None) -> It
     """A `python -m server` on a free loopback port; SIGTERM, then SIGKILL, by its pid on exit."""
     port = free_port()
     args = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port), *flags]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ | ENV, preexec_fn=_pinned(cpus)
-        )
-    try:
+    with process(args, log, _pinned(cpus)) as proc:
         from bench.drive import wait_ready
 
         asyncio.run(wait_ready(f"127.0.0.1:{port}", proc, 300))
         yield f"127.0.0.1:{port}", proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def run_load(target: str, clients: int, seconds: float, cpus: set[int] | None, out: Path) -> dict[str, Any]:
@@ -131,7 +118,7 @@ def run_load(target: str, clients: int, seconds: float, cpus: set[int] | None, o
 
 def phase(name: str, model: str, flags: list[str], clients: int, seconds: float, pin: bool, tmp: Path) -> dict:
     server_cpus, client_cpus = ({1}, {0}) if pin else (None, None)
-    with server(model, flags, tmp / "server.log", server_cpus) as (target, pid):
+    with server(model, flags, tmp / f"{name}.server.log", server_cpus) as (target, pid):
         before, loop_before = cpu_s(pid), cpu_s(pid, pid)  # the main thread runs the event loop
         r = run_load(target, clients, seconds, client_cpus, tmp / f"{name}.json")
         r["server_cpu_s"], r["loop_cpu_s"] = cpu_s(pid) - before, cpu_s(pid, pid) - loop_before

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -59,10 +59,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], log: Path, preexec_fn: Callable[[], object] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A child process (its output in `log`), stopped by pid on exit: SIGTERM, then SIGKILL."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ | ENV)
+        proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ | ENV, preexec_fn=preexec_fn
+        )
     try:
         yield proc
     finally:

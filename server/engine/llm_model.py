@@ -38,8 +38,8 @@ from server.engine.model import (
     _quiet_progress_bars,
     config_kind,
     not_a_reranker,
-    own_weights,
     pick_device,
+    place,
     read_model_config,
     revision,
 )
@@ -196,14 +196,7 @@ class LLMRerankerModel:
         self.tokenizer = self.flag.tokenizer
         self.model = self.flag.model
         self._check_limits(config, path)
-        if self.fp16:
-            self.model.half()
-        self.model.to(self.device)
-        if not self.device.startswith("cuda"):  # on CUDA the copy to the device made them the process's own
-            own_weights(self.model)
-        snapshot.check()
-        self.model.eval()
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.parameters = place(self.model, self.device, self.fp16, snapshot)
         tok = self.tokenizer
         prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
         bos, pad = tok.bos_token_id, tok.pad_token_id

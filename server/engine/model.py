@@ -166,6 +166,19 @@ def own_weights(model: torch.nn.Module) -> None:
                         done.add(id(table[name]))
 
 
+def place(model: torch.nn.Module, device: str, fp16: bool, snapshot: Snapshot) -> int:
+    """Cast and move loaded weights to `device`, make them the process's own (on CUDA the copy to the device does
+    that), refuse them if their files changed meanwhile, and set eval mode; returns the parameter count."""
+    if fp16:
+        model.half()
+    model.to(device)
+    if not device.startswith("cuda"):
+        own_weights(model)
+    snapshot.check()
+    model.eval()
+    return sum(p.numel() for p in model.parameters())
+
+
 class Snapshot:
     """The model files' signature when loading began; `check()` after loading refuses weights read while the files
     were changing (a copy in progress): the old model keeps serving, the next reload tries again."""
@@ -287,14 +300,7 @@ class RerankerModel:
             raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
         self.tokenizer = self.flag.tokenizer
         self.model = self.flag.model
-        if self.fp16:
-            self.model.half()
-        self.model.to(self.device)
-        if not self.device.startswith("cuda"):  # on CUDA the copy to the device made them the process's own
-            own_weights(self.model)
-        snapshot.check()
-        self.model.eval()
-        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.parameters = place(self.model, self.device, self.fp16, snapshot)
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)

@@ -73,14 +73,20 @@ def _await_ready(w: _Worker, deadline: float) -> None:
         raise WorkerStartError(f"tokenizer worker pid {w.pid} exited with code {code} while starting") from None
 
 
-def _stop(w: _Worker) -> None:
-    try:
-        w.conn.send(None)
-        w.conn.close()
-        w.proc.wait(timeout=2.0)
-    except (OSError, subprocess.TimeoutExpired):
-        w.proc.kill()
-        w.proc.wait()
+def _stop(*workers: _Worker) -> None:
+    """Ask each worker to exit (all at once), then wait a moment for each; one that does not exit is killed."""
+    for w in workers:
+        try:
+            w.conn.send(None)
+            w.conn.close()
+        except OSError:  # already gone
+            pass
+    for w in workers:
+        try:
+            w.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
 
 
 class TokenizerWorkers:
@@ -176,8 +182,7 @@ class TokenizerWorkers:
             workers = list(self._workers)
             self._workers.clear()
         self._idle.put(None)
-        for w in workers:
-            _stop(w)
+        _stop(*workers)
 
     @property
     def pids(self) -> list[int]:
