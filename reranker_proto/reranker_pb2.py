@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\x98\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x32\n\x0elong_documents\x18\t \x01(\x0e\x32\x1a.reranker.v1.LongDocuments\x12\x1b\n\x13max_windows_per_doc\x18\n \x01(\r\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"_\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x0f\n\x07windows\x18\x05 \x01(\r\"\x95\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbf\x01\n\x14RerankStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.reranker.v1.RequestErrorH\x00\x12,\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x18.reranker.v1.DrainNoticeH\x00\x42\x08\n\x06result\"\x1e\n\x0b\x44rainNotice\x12\x0f\n\x07message\x18\x01 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xcb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t*\x88\x01\n\rLongDocuments\x12\x1e\n\x1aLONG_DOCUMENTS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x01\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x02\x12 \n\x1cLONG_DOCUMENTS_TRUNCATE_LEFT\x10\x03\x32\xf5\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponse\x12Q\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreranker_proto/reranker.proto\x12\x0breranker.v1\"&\n\x04Pair\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07passage\x18\x02 \x01(\t\"\x8f\x03\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12 \n\x05pairs\x18\x03 \x03(\x0b\x32\x11.reranker.v1.Pair\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\r\n\x05model\x18\x08 \x01(\t\x12\x32\n\x0elong_documents\x18\t \x01(\x0e\x32\x1a.reranker.v1.LongDocuments\x12\x1b\n\x13max_windows_per_doc\x18\n \x01(\r\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x13\n\x0binstruction\x18\x0c \x01(\t\x12\x18\n\x10query_max_length\x18\r \x01(\r\x12\x15\n\rcutoff_layers\x18\x0e \x03(\r\x12\x16\n\x0e\x63ompress_ratio\x18\x0f \x01(\r\x12\x17\n\x0f\x63ompress_layers\x18\x10 \x03(\r\"A\n\x0fRankedCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"_\n\x05Usage\x12\r\n\x05pairs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x0f\n\x07windows\x18\x05 \x01(\r\"\x95\x01\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x01\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.reranker.v1.RankedCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.reranker.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbf\x01\n\x14RerankStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.reranker.v1.RerankResponseH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.reranker.v1.RequestErrorH\x00\x12,\n\x08\x64raining\x18\x04 \x01(\x0b\x32\x18.reranker.v1.DrainNoticeH\x00\x42\x08\n\x06result\"\x1e\n\x0b\x44rainNotice\x12\x0f\n\x07message\x18\x01 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"S\n\rRequestLimits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\"\xf8\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12*\n\x06limits\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RequestLimits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x0e\n\x06models\x18\x08 \x03(\t\x12\x10\n\x08revision\x18\t \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\n \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x0b \x01(\t*\x88\x01\n\rLongDocuments\x12\x1e\n\x1aLONG_DOCUMENTS_UNSPECIFIED\x10\x00\x12\x1b\n\x17LONG_DOCUMENTS_TRUNCATE\x10\x01\x12\x18\n\x14LONG_DOCUMENTS_CHUNK\x10\x02\x12 \n\x1cLONG_DOCUMENTS_TRUNCATE_LEFT\x10\x03\x32\xf5\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cGetModelInfo\x12 .reranker.v1.GetModelInfoRequest\x1a!.reranker.v1.GetModelInfoResponse\x12Q\n\x0cRerankStream\x12\x1a.reranker.v1.RerankRequest\x1a!.reranker.v1.RerankStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reranker_proto.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LONGDOCUMENTS']._serialized_start=1288
-  _globals['_LONGDOCUMENTS']._serialized_end=1424
+  _globals['_LONGDOCUMENTS']._serialized_start=1452
+  _globals['_LONGDOCUMENTS']._serialized_end=1588
   _globals['_PAIR']._serialized_start=46
   _globals['_PAIR']._serialized_end=84
   _globals['_RERANKREQUEST']._serialized_start=87
-  _globals['_RERANKREQUEST']._serialized_end=367
-  _globals['_RANKEDCANDIDATE']._serialized_start=369
-  _globals['_RANKEDCANDIDATE']._serialized_end=434
-  _globals['_USAGE']._serialized_start=436
-  _globals['_USAGE']._serialized_end=531
-  _globals['_RERANKRESPONSE']._serialized_start=534
-  _globals['_RERANKRESPONSE']._serialized_end=683
-  _globals['_REQUESTERROR']._serialized_start=685
-  _globals['_REQUESTERROR']._serialized_end=730
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=733
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=924
-  _globals['_DRAINNOTICE']._serialized_start=926
-  _globals['_DRAINNOTICE']._serialized_end=956
-  _globals['_GETMODELINFOREQUEST']._serialized_start=958
-  _globals['_GETMODELINFOREQUEST']._serialized_end=994
-  _globals['_REQUESTLIMITS']._serialized_start=996
-  _globals['_REQUESTLIMITS']._serialized_end=1079
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1082
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1285
-  _globals['_RERANKER']._serialized_start=1427
-  _globals['_RERANKER']._serialized_end=1672
+  _globals['_RERANKREQUEST']._serialized_end=486
+  _globals['_RANKEDCANDIDATE']._serialized_start=488
+  _globals['_RANKEDCANDIDATE']._serialized_end=553
+  _globals['_USAGE']._serialized_start=555
+  _globals['_USAGE']._serialized_end=650
+  _globals['_RERANKRESPONSE']._serialized_start=653
+  _globals['_RERANKRESPONSE']._serialized_end=802
+  _globals['_REQUESTERROR']._serialized_start=804
+  _globals['_REQUESTERROR']._serialized_end=849
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=852
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1043
+  _globals['_DRAINNOTICE']._serialized_start=1045
+  _globals['_DRAINNOTICE']._serialized_end=1075
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1077
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1113
+  _globals['_REQUESTLIMITS']._serialized_start=1115
+  _globals['_REQUESTLIMITS']._serialized_end=1198
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1201
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1449
+  _globals['_RERANKER']._serialized_start=1591
+  _globals['_RERANKER']._serialized_end=1836
 # @@protoc_insertion_point(module_scope)

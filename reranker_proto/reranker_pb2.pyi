@@ -27,7 +27,7 @@ class Pair(_message.Message):
     def __init__(self, query: _Optional[str] = ..., passage: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "model", "long_documents", "max_windows_per_doc", "request_id")
+    __slots__ = ("query", "candidates", "pairs", "normalize", "top_n", "return_documents", "max_length", "model", "long_documents", "max_windows_per_doc", "request_id", "instruction", "query_max_length", "cutoff_layers", "compress_ratio", "compress_layers")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,11 @@ class RerankRequest(_message.Message):
     LONG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_WINDOWS_PER_DOC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_RATIO_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_LAYERS_FIELD_NUMBER: _ClassVar[int]
     query: str
     candidates: _containers.RepeatedScalarFieldContainer[str]
     pairs: _containers.RepeatedCompositeFieldContainer[Pair]
@@ -50,7 +55,12 @@ class RerankRequest(_message.Message):
     long_documents: LongDocuments
     max_windows_per_doc: int
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., model: _Optional[str] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_windows_per_doc: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    instruction: str
+    query_max_length: int
+    cutoff_layers: _containers.RepeatedScalarFieldContainer[int]
+    compress_ratio: int
+    compress_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, query: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., normalize: _Optional[bool] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., max_length: _Optional[int] = ..., model: _Optional[str] = ..., long_documents: _Optional[_Union[LongDocuments, str]] = ..., max_windows_per_doc: _Optional[int] = ..., request_id: _Optional[str] = ..., instruction: _Optional[str] = ..., query_max_length: _Optional[int] = ..., cutoff_layers: _Optional[_Iterable[int]] = ..., compress_ratio: _Optional[int] = ..., compress_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
     __slots__ = ("index", "score", "document")
@@ -133,7 +143,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_candidates: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size", "models", "revision")
+    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size", "models", "revision", "family", "default_instruction")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +153,8 @@ class GetModelInfoResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -152,4 +164,6 @@ class GetModelInfoResponse(_message.Message):
     batch_size: int
     models: _containers.RepeatedScalarFieldContainer[str]
     revision: str
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., revision: _Optional[str] = ...) -> None: ...
+    family: str
+    default_instruction: str
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., default_instruction: _Optional[str] = ...) -> None: ...
