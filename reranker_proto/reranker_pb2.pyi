@@ -143,7 +143,7 @@ class RequestLimits(_message.Message):
     def __init__(self, max_candidates: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size", "models", "revision", "family", "default_instruction")
+    __slots__ = ("model", "device", "dtype", "max_length", "limits", "version", "batch_size", "models", "revision", "family", "default_instruction", "backend", "drift")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class GetModelInfoResponse(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -166,4 +168,16 @@ class GetModelInfoResponse(_message.Message):
     revision: str
     family: str
     default_instruction: str
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., default_instruction: _Optional[str] = ...) -> None: ...
+    backend: str
+    drift: ScoreDrift
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_length: _Optional[int] = ..., limits: _Optional[_Union[RequestLimits, _Mapping]] = ..., version: _Optional[str] = ..., batch_size: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., revision: _Optional[str] = ..., family: _Optional[str] = ..., default_instruction: _Optional[str] = ..., backend: _Optional[str] = ..., drift: _Optional[_Union[ScoreDrift, _Mapping]] = ...) -> None: ...
+
+class ScoreDrift(_message.Message):
+    __slots__ = ("pairs", "max_abs_diff", "rank_correlation")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    pairs: int
+    max_abs_diff: float
+    rank_correlation: float
+    def __init__(self, pairs: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., rank_correlation: _Optional[float] = ...) -> None: ...

@@ -81,6 +81,15 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
+def _precision(engine: Any) -> str:
+    """An approximate mode's backend, drift and conversion, for the startup line ("" for fp32)."""
+    drift = getattr(engine, "drift", None)
+    if drift is None:
+        return ""
+    conversion = getattr(engine, "conversion", "")
+    return f", {engine.backend}, {drift.describe()}" + (f", converted model {conversion}" if conversion else "")
+
+
 class RerankServer:
     """One gRPC server around one model. `start()` returns once SERVING; `stop()` drains and closes."""
 
@@ -186,6 +195,7 @@ class RerankServer:
             engine.launch, self._infer_pool, limits, on_batch=self.metrics.on_batch, collect_executor=self._collect_pool
         )
         batcher.start()
+        self.metrics.on_model(name, engine)
         return Scoring(engine, batcher, tokenizing, b, shapes)
 
     def _worker_died(self) -> None:
@@ -206,7 +216,8 @@ class RerankServer:
         c, b = self.config, self.batching
         return {
             "models": ", ".join(
-                f"{n}={s.engine.path} ({s.engine.device}, {s.engine.dtype}, {_millions(s.engine.parameters)} params)"
+                f"{n}={s.engine.path} ({s.engine.device}, {s.engine.dtype}, {_millions(s.engine.parameters)} params"
+                f"{_precision(s.engine)})"
                 for n, s in self.service.models.items()
             ),
             "grpc_port": self.port,

@@ -12,6 +12,7 @@ from functools import cached_property
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")  # --dtype (server/engine/precision.py)
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,24 @@ def parse_models(text: str) -> list[tuple[str, str]]:
     if len(set(names)) != len(names):
         raise ConfigError(f"two models are named alike in {names}: give each its own NAME=")
     return specs
+
+
+def parse_dtypes(text: str, names: Sequence[str]) -> dict[str, str]:
+    """--dtype: `VALUE` for every model, `NAME=VALUE` for one, comma-separated; returns {name: value}."""
+    every, one = "auto", {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, sep, value = (s.strip() for s in part.rpartition("="))
+        if value.lower() not in DTYPES:
+            raise ConfigError(f"dtype {part!r}: the value must be one of {', '.join(DTYPES)}")
+        if sep and name not in names:
+            raise ConfigError(f"dtype {part!r}: {name!r} is not one of the served models {list(names)}")
+        if not sep and every != "auto":
+            raise ConfigError(f"dtype {text!r}: one value for every model, then NAME=VALUE for single ones")
+        if sep:
+            one[name] = value.lower()
+        else:
+            every = value.lower()
+    return {n: one.get(n, every) for n in names}
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,11 @@ class Config:
     rest_header_timeout_s: float = 10.0  # REST: connect (or the last response) to complete request headers
     rest_body_timeout_s: float = 30.0  # REST: complete headers to the whole body, else 408
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
+    # Precision of the cross-encoders (server/engine/precision.py): a value for every model, NAME=VALUE for one.
+    dtype: str = "auto"  # auto (CPU fp32, CUDA fp16 unless --no-fp16), fp32, bf16, fp16 (CUDA), int8 (CPU)
+    max_drift: float = 0.0  # refuse a mode whose scores move from fp32 more than this on the drift sample; 0 = off
+    min_rank_correlation: float = -1.0  # refuse a mode whose rank correlation with fp32 is below; -1 = off
+    quantize_cache: str = ""  # where int8 conversions are kept, by revision; "" = ~/.cache/reranker-service/int8
 
     def __post_init__(self) -> None:
         names = [n for n, _ in parse_models(self.model)]
@@ -149,6 +173,14 @@ class Config:
             raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
         if self.cutoff_layer < 0:
             raise ConfigError(f"cutoff_layer must be 0 (the model's last layer) or positive, got {self.cutoff_layer}")
+        self._check_precision(names)
+
+    def _check_precision(self, names: list[str]) -> None:
+        parse_dtypes(self.dtype, names)
+        if self.max_drift < 0:
+            raise ConfigError(f"max_drift must be 0 (no bound) or a positive score difference, got {self.max_drift}")
+        if not -1 <= self.min_rank_correlation <= 1:
+            raise ConfigError(f"min_rank_correlation must be -1 (no bound) to 1, got {self.min_rank_correlation}")
 
     def _check_security(self) -> None:
         key = self.api_key
@@ -178,6 +210,10 @@ class Config:
     @cached_property
     def default_model(self) -> str:
         return self.models[0][0]
+
+    def dtype_of(self, name: str) -> str:
+        """The --dtype asked for model `name` (auto where none was)."""
+        return parse_dtypes(self.dtype, [n for n, _ in self.models]).get(name, "auto")
 
     @property
     def tokenize_thread_count(self) -> int:
@@ -372,7 +408,39 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
     )
     _add_connection_flags(p, d)
+    _add_precision_flags(p, d)
     return p
+
+
+def _add_precision_flags(p: argparse.ArgumentParser, d: Mapping[str, object]) -> None:
+    """Faster, approximate cross-encoder modes, and the drift an operator accepts from them."""
+    p.add_argument(
+        "--dtype",
+        default=d["dtype"],
+        help="precision of the cross-encoders: auto (CPU fp32, CUDA fp16 unless --no-fp16), fp32, bf16 (a CPU with "
+        "avx512_bf16 or AMX, or a GPU that has it), fp16 (CUDA), int8 (CPU, ONNX Runtime; needs the [int8] extra); "
+        "NAME=VALUE for one model, comma-separated (%(default)s)",
+    )
+    p.add_argument(
+        "--max-drift",
+        type=float,
+        default=d["max_drift"],
+        help="refuse to serve a bf16/fp16/int8 model whose scores differ from fp32's by more than this on the drift "
+        "sample measured at load; 0 = no bound (%(default)s)",
+    )
+    p.add_argument(
+        "--min-rank-correlation",
+        type=float,
+        default=d["min_rank_correlation"],
+        help="refuse to serve a bf16/fp16/int8 model whose ranking of the drift sample correlates with fp32's "
+        "(Spearman) less than this; -1 = no bound (%(default)s)",
+    )
+    p.add_argument(
+        "--quantize-cache",
+        default=d["quantize_cache"],
+        help="directory of the int8 conversions, one per model revision (never the model's own directory); "
+        "default: ~/.cache/reranker-service/int8",
+    )
 
 
 def _add_connection_flags(p: argparse.ArgumentParser, d: Mapping[str, object]) -> None:

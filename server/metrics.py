@@ -73,6 +73,14 @@ class Metrics:
         )
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
         self.model_info = Info("reranker_model", "The model being served", registry=r)
+        self.score_drift = Gauge(
+            "reranker_score_drift",
+            "An approximate dtype's distance from fp32 on the drift sample scored at load, by model, dtype and stat "
+            "(max_abs_diff, rank_correlation); absent for fp32",
+            ["model", "dtype", "stat"],
+            registry=r,
+        )
+        self._drift_dtypes: dict[str, str] = {}  # model -> the dtype label of its drift gauges
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
@@ -80,6 +88,18 @@ class Metrics:
         """The Batcher's hook, called once per forward pass."""
         self.batch_size.observe(pairs)
         self.batch_tokens.observe(tokens)
+
+    def on_model(self, name: str, engine: object) -> None:
+        """A model was loaded (or reloaded): its drift, where its dtype is approximate."""
+        old = self._drift_dtypes.pop(name, None)
+        if old is not None:  # a reload may change the dtype, or serve fp32 now
+            for stat in ("max_abs_diff", "rank_correlation"):
+                self.score_drift.remove(name, old, stat)
+        drift = getattr(engine, "drift", None)
+        if drift is not None:
+            dtype = self._drift_dtypes[name] = str(getattr(engine, "dtype", ""))
+            self.score_drift.labels(name, dtype, "max_abs_diff").set(drift.max_abs_diff)
+            self.score_drift.labels(name, dtype, "rank_correlation").set(drift.rank_correlation)
 
     def watch_queue(self, queued_pairs: Callable[[], int]) -> None:
         self.queue_pairs.set_function(queued_pairs)  # read at scrape time, nothing on the request path

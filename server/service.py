@@ -286,7 +286,16 @@ class RerankerService(pb_grpc.RerankerServicer):
             batch_size=scoring.batcher.limits.max_pairs,
             models=[n for n, _ in c.models],  # served: loaded, or still loading (then UNAVAILABLE)
             revision=engine.revision,
+            backend=getattr(engine, "backend", "torch"),
+            drift=_drift(getattr(engine, "drift", None)),
         )
+
+
+def _drift(drift: Any) -> pb.ScoreDrift | None:
+    """An approximate mode's drift (server.engine.drift.Drift) as GetModelInfo reports it; None for exact scores."""
+    if drift is None:
+        return None
+    return pb.ScoreDrift(pairs=drift.pairs, max_abs_diff=drift.max_abs_diff, rank_correlation=drift.rank_correlation)
 
 
 async def _answer(context: grpc.aio.ServicerContext, handler: Callable[[], Any]) -> Any:

@@ -18,6 +18,7 @@ from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
 from server.config import Config
+from server.engine import drift, precision
 from server.engine.launch import Arrays, Collect, Launcher
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
 
@@ -269,10 +270,17 @@ class RerankerModel:
         self.name = name or default_name
         self.device = pick_device(config.device)
         on_cuda = self.device.startswith("cuda")
-        self.fp16 = on_cuda if config.fp16 is None else (config.fp16 and on_cuda)
+        try:
+            self.mode = precision.resolve(config.dtype_of(self.name), self.device, config.fp16)
+        except precision.PrecisionError as exc:
+            raise ModelLoadError(str(exc)) from None
+        self.fp16 = self.mode == "fp16"
         if config.fp16 and not on_cuda:
             log.warning("fp16 is not used on CPU; running in fp32")
-        self.dtype = "float16" if self.fp16 else "float32"
+        self.dtype = precision.NAMES[self.mode]
+        self.backend = "torch"  # or onnxruntime (int8)
+        self.drift: drift.Drift | None = None  # an approximate mode's, measured at load
+        self.conversion = ""  # int8: where its converted model is kept, and its size
         self.max_length = config.max_length
         if not on_cuda:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -299,14 +307,50 @@ class RerankerModel:
         if config.max_length > limit:
             raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
         self.tokenizer = self.flag.tokenizer
-        self.model = self.flag.model
-        self.parameters = place(self.model, self.device, self.fp16, snapshot)
+        self.model: Any = self.flag.model
+        # An approximate mode starts from fp32 on the device: its drift is measured against that.
+        self.parameters = place(self.model, self.device, False, snapshot)
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
         self.encoder = PairEncoder(self.tokenizer, Instructions.of(self.flag), config.max_length)
         self.max_width = config.max_length  # the longest input a pair can have
-        self.launcher = Launcher(self.model, self.device, self._logits, causal=False, buckets=None)
+        self.launcher: Any = Launcher(self.model, self.device, self._logits, causal=False, buckets=None)
+        if self.mode != "fp32":
+            self._approximate(config)
+
+    def _approximate(self, config: Config) -> None:
+        """Switch to bf16, fp16 or int8, scoring the drift sample before and after; refuse past the drift bounds."""
+        sample = self.encode(drift.sample_pairs(self.tokenizer, self.max_length))
+        reference = drift.score_sample(sample, self.forward)
+        if self.mode == "int8":
+            self._to_int8(config, sample)
+        else:  # cast weights: measured faster than autocast on CPU, and half the memory (README, "Precision")
+            self.model.to(precision.TORCH_DTYPES[self.mode])
+            self.launcher = Launcher(self.model, self.device, self._logits, causal=False, buckets=None)
+        self.drift = drift.compare(reference, drift.score_sample(sample, self.forward))
+        try:
+            drift.check_bound(self.drift, self.mode, config.max_drift, config.min_rank_correlation)
+        except drift.DriftTooLarge as exc:
+            raise ModelLoadError(f"model {self.name}: {exc}") from None
+
+    def _to_int8(self, config: Config, sample: Sequence[Encoded]) -> None:
+        """Run an int8 ONNX Runtime copy of the model (converted, or found in the cache), and free the torch one."""
+        from server.engine import onnx_int8
+
+        by_length = sorted(sample, key=len)
+        pair = [by_length[0], by_length[len(by_length) // 2]]  # of two lengths: the export sees a padded batch
+        key = self.revision if os.path.isdir(self.path) else f"{self.revision}-{self.path.replace('/', '--')}"
+        try:
+            path, cached = onnx_int8.cached_model(self.model, key, self._arrays(pair, 2, len(pair[1])),
+                                                  config.quantize_cache)  # fmt: skip
+            self.launcher = onnx_int8.OnnxLauncher(path, config.threads or os.cpu_count() or 1)
+        except precision.PrecisionError as exc:
+            raise ModelLoadError(str(exc)) from None
+        self.backend = "onnxruntime"
+        how = "cached" if cached else "converted now"
+        self.conversion = f"{path.parent} ({onnx_int8.size_mib(path):.0f} MiB, {how})"
+        self.flag.model = self.model = None  # the int8 copy serves: the fp32 weights' memory goes back
 
     def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, return_dict=True).logits.view(-1).float()
