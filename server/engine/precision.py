@@ -19,7 +19,7 @@ class PrecisionError(ValueError):
     """A --dtype this machine cannot run well; the message says why and what to use instead."""
 
 
-def cpu_flags(path: str = CPUINFO) -> set[str] | None:
+def cpu_flags(path: str) -> set[str] | None:
     """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read (not Linux)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -32,7 +32,7 @@ def cpu_flags(path: str = CPUINFO) -> set[str] | None:
     return set()
 
 
-def native_bf16(path: str = CPUINFO) -> str | None:
+def native_bf16(path: str) -> str | None:
     """The flag that gives this CPU native bf16 (avx512_bf16, amx_bf16), or None."""
     flags = cpu_flags(path)
     if flags is None:  # no /proc/cpuinfo: ask torch
@@ -45,10 +45,10 @@ def _torch_bf16() -> bool:
     return bool(check and check())
 
 
-def resolve(requested: str, device: str, fp16_flag: bool | None, cpuinfo: str = CPUINFO) -> str:
+def resolve(requested: str, device: str, fp16_flag: bool | None) -> str:
     """fp32, bf16, fp16 or int8 for --dtype `requested` on `device`; PrecisionError where it would not pay.
     auto: fp16 on CUDA (unless --no-fp16), fp32 on CPU."""
-    cuda = device.startswith("cuda")
+    cuda, cpuinfo = device.startswith("cuda"), CPUINFO  # read here: tests point CPUINFO at a CPU without bf16
     if requested == "auto":
         return "fp16" if cuda and fp16_flag is not False else "fp32"
     if requested == "fp16" and not cuda:
