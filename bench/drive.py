@@ -89,8 +89,9 @@ async def wait_rest_ready(url: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-async def rest_workload(url: str, workload: Workload) -> dict[str, Any]:
-    """Legacy-2 shape: POST /rerank {"query", "compare_to"} -> {"data": [scores]}."""
+async def rest_workload(url: str, workload: Workload, infinity_model: str = "") -> dict[str, Any]:
+    """Legacy-2 shape: POST /rerank {"query", "compare_to"} -> {"data": [scores]}; with `infinity_model`, Infinity's:
+    {"model", "query", "documents", "raw_scores"} -> {"results": [...]} (Infinity's server and our bridge speak it)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=DEADLINE_S)
@@ -98,9 +99,15 @@ async def rest_workload(url: str, workload: Workload) -> dict[str, Any]:
     try:
 
         async def call(i: int, query: str, passages: list[str]) -> None:
-            async with sessions[i].post(url, json={"query": query, "compare_to": passages}) as resp:
-                body = await resp.json()
-                assert resp.status == 200 and len(body["data"]) == len(passages), body
+            if infinity_model:
+                body = {"model": infinity_model, "query": query, "documents": passages, "raw_scores": True}
+            else:
+                body = {"query": query, "compare_to": passages}
+            async with sessions[i].post(url, json=body) as resp:
+                answer = await resp.json()
+                assert resp.status == 200 and len(answer["results" if infinity_model else "data"]) == len(passages), (
+                    answer
+                )
 
         return await _clients(workload, call)
     finally:
