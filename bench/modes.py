@@ -87,6 +87,7 @@ def _start_server(stack: contextlib.ExitStack, model: str, mode: str, tmp: Path)
     """Our server in `mode` with the REST bridge; (process, gRPC target, REST URL, what GetModelInfo says)."""
     port, rest = free_port(), free_port()
     flags = ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest), "--log-level", "WARNING"]
+    flags += ["--rest-deadline-s", str(drive.DEADLINE_S)]  # fp32 on a busy 2-core machine: 160 pairs > 30 s
     # the conversion is part of the int8 server's first start, as in a fresh deployment
     args = [sys.executable, "-m", "server", "--model", model, "--dtype", mode, "--quantize-cache", str(tmp / "int8")]
     started = time.perf_counter()

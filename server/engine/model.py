@@ -308,8 +308,11 @@ class RerankerModel:
             raise ModelLoadError(f"--max-length {config.max_length} is above the model's limit of {limit} tokens")
         self.tokenizer = self.flag.tokenizer
         self.model: Any = self.flag.model
-        # An approximate mode starts from fp32 on the device: its drift is measured against that.
-        self.parameters = place(self.model, self.device, False, snapshot)
+        if self.mode in ("bf16", "int8"):  # CPU: the fp32 weights stay views of the file until cast or converted
+            self.model.eval()  # (a copy made and freed at once would leave the heap holding its size)
+            self.parameters = sum(p.numel() for p in self.model.parameters())
+        else:  # an approximate mode on CUDA starts from fp32 too: its drift is measured against that
+            self.parameters = place(self.model, self.device, False, snapshot)
         self._cuda = on_cuda
         self._pad_id = self.tokenizer.pad_token_id
         self._pad_type_id = getattr(self.tokenizer, "pad_token_type_id", 0)
@@ -318,6 +321,7 @@ class RerankerModel:
         self.launcher: Any = Launcher(self.model, self.device, self._logits, causal=False, buckets=None)
         if self.mode != "fp32":
             self._approximate(config)
+            snapshot.check()  # the weights were read while casting or converting: not while they changed
 
     def _approximate(self, config: Config) -> None:
         """Switch to bf16, fp16 or int8, scoring the drift sample before and after; refuse past the drift bounds."""
