@@ -170,7 +170,7 @@ def render(r: dict[str, Any], loads: list[Workload], rounds: int, note: str) -> 
             f"{' | '.join(r['load'])}.")  # fmt: skip
     lines = [head, "", f"| mode | backend | {' | '.join(f'{n} pairs/s' for n in names)} | vs fp32 | 1 x 10 p50 ms "
              "| RSS MiB | peak RSS MiB | drift: max abs diff, rank corr. | start s |",
-             "|---|---|" + "---:|" * (len(names) + 5) + "---|"]  # fmt: skip
+             "|---|---|" + "---:|" * (len(names) + 4) + "---|---:|"]  # fmt: skip
     base = {n: _median(r["grpc"]["fp32"], n) for n in names}
     for mode, samples in r["grpc"].items():
         info, rates = r["info"][mode], [_median(samples, n) for n in names]

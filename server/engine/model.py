@@ -346,8 +346,8 @@ class RerankerModel:
         pair = [by_length[0], by_length[len(by_length) // 2]]  # of two lengths: the export sees a padded batch
         key = self.revision if os.path.isdir(self.path) else f"{self.revision}-{self.path.replace('/', '--')}"
         try:
-            path, cached = onnx_int8.cached_model(self.model, key, self._arrays(pair, 2, len(pair[1])),
-                                                  config.quantize_cache)  # fmt: skip
+            example = self._arrays(pair, 2, len(pair[1]))
+            path, cached = onnx_int8.cached_model(self.path, key, example, config.quantize_cache)
             self.launcher = onnx_int8.OnnxLauncher(path, config.threads or os.cpu_count() or 1)
         except precision.PrecisionError as exc:
             raise ModelLoadError(str(exc)) from None

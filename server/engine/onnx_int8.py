@@ -61,8 +61,9 @@ class _Scores(torch.nn.Module):
         return self.model(**kwargs, return_dict=True).logits.view(-1)
 
 
-def cached_model(model: torch.nn.Module, revision: str, example: Arrays, cache: str) -> tuple[Path, bool]:
-    """The int8 ONNX file of this revision under `cache`, converted now if absent; (path, whether it was cached)."""
+def cached_model(source: str, revision: str, example: Arrays, cache: str) -> tuple[Path, bool]:
+    """The int8 ONNX file of model `source`'s revision under `cache`, converted now if absent (in a child process);
+    (path, whether it was cached)."""
     ort = _onnxruntime()
     import onnx
 
@@ -78,7 +79,7 @@ def cached_model(model: torch.nn.Module, revision: str, example: Arrays, cache: 
     work = Path(tempfile.mkdtemp(prefix=".converting-", dir=root))  # same filesystem: the rename below is atomic
     try:
         started = time.perf_counter()
-        _convert(model, example, work)
+        _convert_apart(source, example, work)
         seconds = round(time.perf_counter() - started, 1)
         meta = {"revision": revision, "format": FORMAT, "torch": torch.__version__, "onnxruntime": ort.__version__}
         (work / "conversion.json").write_text(json.dumps(meta | {"seconds": seconds}))
@@ -90,6 +91,27 @@ def cached_model(model: torch.nn.Module, revision: str, example: Arrays, cache: 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final / MODEL_FILE, False
+
+
+def _convert_apart(source: str, example: Arrays, work: Path) -> None:
+    """Convert in a process of its own: export and quantization peak at several times the model's size (about 7 GB
+    for the base shape), memory this server's heap would otherwise keep after it is freed."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_convert_from, args=(source, example, str(work)), name="int8-conversion", daemon=True
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise PrecisionError(f"converting {source} to int8 failed (exit code {child.exitcode}; the log says why)")
+
+
+def _convert_from(source: str, example: Arrays, work: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(source).eval()  # as FlagReranker loads it
+    _convert(model, example, Path(work))
 
 
 def _convert(model: torch.nn.Module, example: Arrays, work: Path) -> None:
