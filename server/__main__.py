@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
 
-from server.app import RerankServer
 from server.config import Config, ConfigError, load_config
 from server.logs import setup_logging
 
@@ -51,6 +51,8 @@ async def _stop_bridge(runner: web.AppRunner | None) -> None:
 
 
 async def serve(config: Config) -> int:
+    from server.app import RerankServer  # torch and FlagEmbedding: seconds, so only once the flags are good
+
     server = RerankServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,8 +98,23 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def _openmp_waits_passively() -> None:
+    """torch's OpenMP threads sleep when they run out of work instead of spinning (unless the caller says otherwise).
+
+    Spinning threads take the cores a busy neighbour needs and stall on the one it preempts: on 2 shared cores the
+    tiny model's p50 went from ~15 ms to ~1 s (bench/threads.py). libgomp reads this once, when torch loads.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main() -> None:
-    config = load_config()
+    try:
+        config = load_config()  # before torch is imported: --help, --version and mistakes answer at once
+    except ConfigError as exc:  # a bad RERANKER_* value (a bad flag already exited, in one line too)
+        print(f"python -m server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _openmp_waits_passively()
     setup_logging(config.log_level, config.log_json)
     sys.exit(asyncio.run(serve(config)))
 

@@ -8,6 +8,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
+from typing import NoReturn
+
+from server import __version__
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -224,19 +227,28 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
         else:
             try:
                 values[f.name] = type(default)(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from None
+            except ValueError:
+                wanted = {int: "an integer", float: "a number"}.get(type(default), "valid")
+                raise ConfigError(f"{_env_name(f.name)}={raw!r}: not {wanted}") from None
     return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line: the usage of 40-odd flags would bury the one that is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The server's flags; every default comes from RERANKER_* environment variables."""
     d = _env_defaults(os.environ if env is None else env)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m server",
         description="gRPC reranking service (FlagEmbedding cross-encoders). "
         "Every flag defaults to the RERANKER_<FLAG> environment variable, e.g. RERANKER_MODEL.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--model",
         action="append",
@@ -423,5 +435,13 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.error(_as_flag(str(exc)))
         raise  # unreachable: parser.error exits
+
+
+def _as_flag(message: str) -> str:
+    """'max_length must be ...' -> '--max-length (RERANKER_MAX_LENGTH) must be ...': the names a user typed."""
+    name, sep, rest = message.partition(" ")
+    if sep and name in {f.name for f in fields(Config)}:
+        return f"--{name.replace('_', '-')} ({_env_name(name)}) {rest}"
+    return message
