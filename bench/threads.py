@@ -128,9 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     env = machine("")
     print(f"{env['date']}, {env['cpu']}, load before {' '.join(env['load'])}, burners={args.burners}", flush=True)
-    print(
-        "| shape | policy | --threads | quiet 1x10 p50 / p90 ms | quiet 1x100 ms | busy 1x10 p50 / p90 ms | busy 1x100 ms |"
-    )  # noqa: E501
+    phases = ("quiet 1x10 p50 / p90 ms", "quiet 1x100 ms", "busy 1x10 p50 / p90 ms", "busy 1x100 ms")
+    print("| shape | policy | --threads | " + " | ".join(phases) + " |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-threads-server.log")
     for shape in args.shapes.split(","):

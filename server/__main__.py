@@ -14,11 +14,12 @@ from server.logs import setup_logging
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("server")
 
 
-async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
+async def _start_bridge(config: Config, grpc_target: str, registry: CollectorRegistry) -> web.AppRunner:
     """The REST bridge in this event loop: HTTPS with the server's certificate when TLS is on.
 
     It calls this server over a Unix socket only this user can open, so it needs no client certificate of its
@@ -40,8 +41,10 @@ async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
         tls_cert=config.tls_cert,
         tls_key=config.tls_key,
         tls_client_ca=config.tls_client_ca,
+        api_key=config.api_key,  # for the docs page's model list; callers still send their own
     )
-    runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
+    # Its reranker_rest_* metrics join the server's, on --metrics-port.
+    runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s, registry=registry)
     return runner
 
 
@@ -66,7 +69,7 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         return 1
     try:
-        bridge = await _start_bridge(config, server.local_target) if config.rest_port else None
+        bridge = await _start_bridge(config, server.local_target, server.metrics.registry) if config.rest_port else None
     except OSError as exc:  # e.g. the REST port is taken
         log.error("cannot start: REST bridge on %s:%d: %s", config.host, config.rest_port, exc)
         await server.stop(0)
