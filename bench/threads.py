@@ -2,7 +2,7 @@
 
 `python -m bench.threads [--shapes tiny,base] [--threads 0,1,2,4] [--seconds 15]`
 For each model shape, wait policy and thread count it starts one `python -m server` on 127.0.0.1, sends 1 x 10
-requests one after another (and a few 1 x 100), first on a quiet machine, then beside `--burners` busy processes
+requests one after another (and a few 1 x 50), first on a quiet machine, then beside `--burners` busy processes
 (one per core by default: pure-Python loops, each stopped by pid and bounded by its own deadline). Wait policies:
 `passive` is what `python -m server` sets (OMP_WAIT_POLICY=PASSIVE), `spin` is libgomp's own default
 (GOMP_SPINCOUNT=300000: spin a while at each barrier, then sleep), which the server ran with before.
@@ -34,7 +34,7 @@ BURN = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:
 
 def request(n: int, seed: int) -> pb.RerankRequest:
     rng = random.Random(seed)
-    passages = [" ".join(rng.choices(WORDS, k=rng.randint(15, 45))) for _ in range(n)]
+    passages = [" ".join(rng.choices(WORDS, k=rng.randint(8, 20))) for _ in range(n)]
     return pb.RerankRequest(query="what is panda?", candidates=passages)
 
 
@@ -78,7 +78,7 @@ def timed_calls(stub: pb_grpc.RerankerStub, req: pb.RerankRequest, calls: int, s
 def measure(model: str, threads: int, policy: str, args: argparse.Namespace, log: str) -> dict[str, dict[str, float]]:
     port = free_port()
     server = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    small, big = request(10, 1), request(100, 2)
+    small, big = request(10, 1), request(50, 2)
     out = {}
     with process([*server, "--threads", str(threads), "--log-level", "WARNING"], log, env=POLICIES[policy]) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -87,10 +87,10 @@ def measure(model: str, threads: int, policy: str, args: argparse.Namespace, log
             _wait_serving(stub, proc)
             timed_calls(stub, small, 3, 30)  # warm: first calls pay one-off costs
             out["quiet 1x10"] = timed_calls(stub, small, args.calls, args.seconds)
-            out["quiet 1x100"] = timed_calls(stub, big, 3, args.seconds)
+            out["quiet 1x50"] = timed_calls(stub, big, 3, args.seconds)
             with burners(args.burners, 2 * args.seconds + 10):
                 out["busy 1x10"] = timed_calls(stub, small, args.calls, args.seconds)
-                out["busy 1x100"] = timed_calls(stub, big, 3, args.seconds)
+                out["busy 1x50"] = timed_calls(stub, big, 3, args.seconds)
     return out
 
 
@@ -123,12 +123,12 @@ def main() -> None:
     parser.add_argument("--threads", default="0,1,2,4", help="--threads values (%(default)s)")
     parser.add_argument("--policies", default="passive,spin", help="OpenMP wait policies (%(default)s)")
     parser.add_argument("--calls", type=int, default=30, help="1 x 10 calls per phase, at most (%(default)s)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="bound on each phase (%(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="bound on each phase (%(default)s)")
     parser.add_argument("--burners", type=int, default=os.cpu_count() or 1, help="busy processes (one per core)")
     args = parser.parse_args()
     env = machine("")
     print(f"{env['date']}, {env['cpu']}, load before {' '.join(env['load'])}, burners={args.burners}", flush=True)
-    phases = ("quiet 1x10 p50 / p90 ms", "quiet 1x100 ms", "busy 1x10 p50 / p90 ms", "busy 1x100 ms")
+    phases = ("1x10 p50 / p90 ms", "1x50 ms", "1x10 + burners p50 / p90 ms", "1x50 + burners ms")
     print("| shape | policy | --threads | " + " | ".join(phases) + " |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-threads-server.log")
@@ -137,7 +137,7 @@ def main() -> None:
         for policy in args.policies.split(","):
             for threads in (int(t) for t in args.threads.split(",")):
                 r = measure(model, threads, policy, args, log)
-                cells = " | ".join(cell(r[k]) for k in ("quiet 1x10", "quiet 1x100", "busy 1x10", "busy 1x100"))
+                cells = " | ".join(cell(r[k]) for k in ("quiet 1x10", "quiet 1x50", "busy 1x10", "busy 1x50"))
                 print(f"| {shape} | {policy} | {threads} | {cells} |", flush=True)
     print(f"load after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 

@@ -186,6 +186,31 @@ class Config:
     def tokenize_thread_count(self) -> int:
         return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
 
+    @property
+    def torch_threads(self) -> int:
+        """--threads, or for 0 one per core this process may use (see usable_cpus)."""
+        return self.threads or usable_cpus()
+
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, capped by its cgroup's CPU limit (docker --cpus, Kubernetes).
+
+    os.cpu_count() counts the host's cores: in a 2-CPU container on a 64-core node, 64 torch threads would share
+    2 cores' worth of time and stall each other at every barrier.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX, encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))  # rounded up: 1.5 CPUs -> 2 threads
+    except (OSError, ValueError):  # no cgroup v2 here, or a file we cannot read: the affinity alone
+        pass
+    return cpus
+
 
 def _env_name(field: str) -> str:
     return "RERANKER_" + field.upper()

@@ -276,7 +276,7 @@ class RerankerModel:
         self.dtype = "float16" if self.fp16 else "float32"
         self.max_length = config.max_length
         if not on_cuda:
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads)
         self.path = path = resolve_model_path(model)
         snapshot = Snapshot(path)
         self.revision = revision(path)
