@@ -1,11 +1,11 @@
-"""Latency of one caller with `--threads` 0/1/2/4, on a quiet CPU and beside a busy neighbour.
+"""Latency of one caller with `--threads` 0/1/2/4, as the machine is and beside a busy neighbour.
 
-`python -m bench.threads [--shapes tiny,base] [--threads 0,1,2,4] [--seconds 15]`
-For each model shape, wait policy and thread count it starts one `python -m server` on 127.0.0.1, sends 1 x 10
-requests one after another (and a few 1 x 50), first on a quiet machine, then beside `--burners` busy processes
-(one per core by default: pure-Python loops, each stopped by pid and bounded by its own deadline). Wait policies:
-`passive` is what `python -m server` sets (OMP_WAIT_POLICY=PASSIVE), `spin` is libgomp's own default
-(GOMP_SPINCOUNT=300000: spin a while at each barrier, then sleep), which the server ran with before.
+`python -m bench.threads [--shapes tiny,base] [--threads 0,1,2,4] [--small 10] [--big 50] [--seconds 20]`
+For each model shape, wait policy and thread count it starts one `python -m server` on 127.0.0.1 and sends 1 x
+`--small` requests one after another (then a few 1 x `--big`), first as the machine is, then beside `--burners`
+busy processes (one per core by default: pure-Python loops, each bounded by its own deadline and stopped by pid).
+Wait policies: `passive` is what `python -m server` sets (OMP_WAIT_POLICY=PASSIVE); `spin` is libgomp's own
+default (GOMP_SPINCOUNT=300000: spin a while at each barrier, then sleep), which the server ran with before.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def timed_calls(stub: pb_grpc.RerankerStub, req: pb.RerankRequest, calls: int, s
 def measure(model: str, threads: int, policy: str, args: argparse.Namespace, log: str) -> dict[str, dict[str, float]]:
     port = free_port()
     server = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    small, big = request(10, 1), request(50, 2)
+    small, big = request(args.small, 1), request(args.big, 2)
     out = {}
     with process([*server, "--threads", str(threads), "--log-level", "WARNING"], log, env=POLICIES[policy]) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -86,11 +87,11 @@ def measure(model: str, threads: int, policy: str, args: argparse.Namespace, log
             grpc.channel_ready_future(channel).result(timeout=600)
             _wait_serving(stub, proc)
             timed_calls(stub, small, 3, 30)  # warm: first calls pay one-off costs
-            out["quiet 1x10"] = timed_calls(stub, small, args.calls, args.seconds)
-            out["quiet 1x50"] = timed_calls(stub, big, 3, args.seconds)
+            out["small"] = timed_calls(stub, small, args.calls, args.seconds)
+            out["big"] = timed_calls(stub, big, 3, args.seconds)
             with burners(args.burners, 2 * args.seconds + 10):
-                out["busy 1x10"] = timed_calls(stub, small, args.calls, args.seconds)
-                out["busy 1x50"] = timed_calls(stub, big, 3, args.seconds)
+                out["small busy"] = timed_calls(stub, small, args.calls, args.seconds)
+                out["big busy"] = timed_calls(stub, big, 3, args.seconds)
     return out
 
 
@@ -122,13 +123,17 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,base", help="model shapes (%(default)s)")
     parser.add_argument("--threads", default="0,1,2,4", help="--threads values (%(default)s)")
     parser.add_argument("--policies", default="passive,spin", help="OpenMP wait policies (%(default)s)")
-    parser.add_argument("--calls", type=int, default=30, help="1 x 10 calls per phase, at most (%(default)s)")
+    parser.add_argument("--small", type=int, default=10, help="passages in the latency request (%(default)s)")
+    parser.add_argument("--big", type=int, default=50, help="passages in the large request (%(default)s)")
+    parser.add_argument("--calls", type=int, default=30, help="small calls per phase, at most (%(default)s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="bound on each phase (%(default)s)")
     parser.add_argument("--burners", type=int, default=os.cpu_count() or 1, help="busy processes (one per core)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind: the server and burners are stopped by pid
     env = machine("")
     print(f"{env['date']}, {env['cpu']}, load before {' '.join(env['load'])}, burners={args.burners}", flush=True)
-    phases = ("1x10 p50 / p90 ms", "1x50 ms", "1x10 + burners p50 / p90 ms", "1x50 + burners ms")
+    small, big = f"1x{args.small}", f"1x{args.big}"
+    phases = (f"{small} p50 / p90 ms", f"{big} ms", f"{small} + burners p50 / p90 ms", f"{big} + burners ms")
     print("| shape | policy | --threads | " + " | ".join(phases) + " |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
     log = os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench-threads-server.log")
@@ -137,7 +142,7 @@ def main() -> None:
         for policy in args.policies.split(","):
             for threads in (int(t) for t in args.threads.split(",")):
                 r = measure(model, threads, policy, args, log)
-                cells = " | ".join(cell(r[k]) for k in ("quiet 1x10", "quiet 1x50", "busy 1x10", "busy 1x50"))
+                cells = " | ".join(cell(r[k]) for k in ("small", "big", "small busy", "big busy"))
                 print(f"| {shape} | {policy} | {threads} | {cells} |", flush=True)
     print(f"load after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
