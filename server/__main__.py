@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("server")
 
 
-async def _start_bridge(config: Config, grpc_target: str, registry: CollectorRegistry) -> web.AppRunner:
+async def _start_bridge(config: Config, grpc_target: str, registry: CollectorRegistry | None = None) -> web.AppRunner:
     """The REST bridge in this event loop: HTTPS with the server's certificate when TLS is on.
 
     It calls this server over a Unix socket only this user can open, so it needs no client certificate of its
