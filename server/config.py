@@ -62,7 +62,7 @@ class Config:
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
     max_text_chars: int = 20000
-    threads: int = 0  # torch intra-op threads; 0 = one per core
+    threads: int = 0  # torch intra-op threads on CPU; 0 = half the cores this process may use, at least 1
     grace_s: float = 10.0
     log_level: str = "INFO"
     rest_port: int = 0  # REST bridge in the same process; 0 = off
@@ -188,8 +188,13 @@ class Config:
 
     @property
     def torch_threads(self) -> int:
-        """--threads, or for 0 one per core this process may use (see usable_cpus)."""
-        return self.threads or usable_cpus()
+        """--threads, or for 0 half the cores this process may use (see usable_cpus), at least 1.
+
+        The other half is left to the tokenizing threads (also half by default), the event loop and any neighbour:
+        a forward pass in N threads waits at every barrier for the slowest, so on busy cores fewer threads answer
+        sooner (bench/threads.py).
+        """
+        return self.threads or max(1, usable_cpus() // 2)
 
 
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
@@ -346,7 +351,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--max-candidates", type=int, default=d["max_candidates"], help="candidates or pairs per request (%(default)s)"
     )
     p.add_argument("--max-text-chars", type=int, default=d["max_text_chars"], help="characters per text (%(default)s)")
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads; 0 = all cores (%(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d["threads"],
+        help="torch CPU threads; 0 = half the cores this process may use (its CPU affinity and cgroup limit), "
+        "at least 1 (%(default)s)",
+    )
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
     p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")
     p.add_argument(
