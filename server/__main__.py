@@ -104,8 +104,9 @@ async def serve(config: Config) -> int:
 def _openmp_waits_passively() -> None:
     """torch's OpenMP threads sleep when they run out of work instead of spinning (unless the caller says otherwise).
 
-    Spinning threads take the cores a busy neighbour needs and stall on the one it preempts: on 2 shared cores the
-    tiny model's p50 went from ~15 ms to ~1 s (bench/threads.py). libgomp reads this once, when torch loads.
+    Spinning threads burn the time slice a preempted one needs at every barrier: on 2 shared cores the tiny model
+    took 186 ms a call instead of 8, and 1.2 s beside two busy processes (bench/threads.py). libgomp reads this
+    once, when torch loads.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
