@@ -36,7 +36,6 @@ class Engine(Protocol):
     dtype: str
     max_length: int
     parameters: int
-    flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
     encoder: Any  # its tokenizing alone (server.tokenize), which a worker process can run without the weights
 
     family: str  # whose recipe scores it (README: the families table)
@@ -45,6 +44,8 @@ class Engine(Protocol):
     def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Any]: ...
 
     def refuse(self, options: Options) -> str | None: ...
+
+    def splitter(self, options: Options, tokenizer: Any) -> Splitter: ...
 
     def thread_tokenizer(self) -> Any: ...
 
@@ -67,11 +68,11 @@ class Scoring:
     batching: Any  # the budgets the batcher was given and where they came from (server.engine.model.Batching)
     shapes: str = ""  # how the device's shapes were warmed (server.engine.warm), for the startup line
 
-    async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
+    async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, options: Options) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
 
         def split() -> Any:  # on a tokenizing thread, with that thread's own tokenizer
-            splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
+            splitter = self.engine.splitter(options, self.engine.thread_tokenizer())
             return split_passages(splitter, pairs, plan)
 
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split)
@@ -284,7 +285,7 @@ class RerankerService(pb_grpc.RerankerServicer):
         options = request_options(req, scoring.engine)
         windows = None
         if plan is not None:  # cut on the tokenizing thread; the windows' count is known only after
-            windows = await scoring.split(pairs, plan, req.max_length or scoring.engine.max_length)
+            windows = await scoring.split(pairs, plan, options)
             pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, options))
