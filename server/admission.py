@@ -95,7 +95,8 @@ class Admission:
         self.stopping.set()
         self._settle()
         try:
-            await asyncio.wait_for(self._done.wait(), grace_s)
+            if not self._done.is_set():  # with nothing in flight a grace of 0 is no cut-off
+                await asyncio.wait_for(self._done.wait(), grace_s)
         except TimeoutError:
             return False
         settled = min(deadline, time.monotonic() + SETTLE_S)
