@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from server.errors import WorkerDied
+from server.tokenize.options import Options
 from server.tokenize.packed import unpack
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,12 @@ class TokenizerWorkers:
         with self._cond:
             return len(self._workers)
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]:
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Any]:
         """The pairs tokenized by a free worker (waiting for one), as views into its packed arrays."""
         w = self._take()
         timeout_s = slice_timeout(pairs, self.slice_timeout_s)
         try:
-            w.conn.send((list(pairs), max_length))
+            w.conn.send((list(pairs), options))
             if not w.conn.poll(timeout_s):
                 self._abandon(w, f"it took more than {timeout_s:.1f} s over a slice of {len(pairs)} pairs")
             status, value = w.conn.recv()
