@@ -19,6 +19,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -33,7 +34,9 @@ PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2
 # (tests/test_packaging.py runs the server on the server lock alone). Together with what only they pull in
 # (scikit-learn, scipy, lxml...) they are ~230 MB of the image. Kept when a requirement of pyproject.toml names one.
 NEVER_IMPORTED = ("sentence-transformers", "ir-datasets")
+PROJECT = "reranker-service (pyproject.toml)"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
+_VIA = re.compile(r"^ +# +(?:via)? *(.*)$")  # "    # via x", or "    # via" then "    #   x" per line
 
 
 def pyproject() -> dict[str, list[Requirement]]:
@@ -43,10 +46,22 @@ def pyproject() -> dict[str, list[Requirement]]:
     return {name: [Requirement(r) for r in reqs] for name, reqs in groups.items()}
 
 
-def read_lock(path: Path) -> dict[str, str]:
-    """{canonical name: version} of a lock file."""
-    pins = (_PIN.match(line) for line in path.read_text().splitlines())
-    return {canonicalize_name(m.group(1)): m.group(2) for m in pins if m}
+class Locked(NamedTuple):
+    version: str
+    via: frozenset[str]  # what asked for it, from uv's annotations; PROJECT for pyproject.toml itself
+
+
+def read_lock(path: Path) -> dict[str, Locked]:
+    """{canonical name: (version, what asked for it)} of a lock file written by uv pip compile."""
+    out: dict[str, Locked] = {}
+    name = ""
+    for line in path.read_text().splitlines():
+        if pin := _PIN.match(line):
+            name = canonicalize_name(pin.group(1))
+            out[name] = Locked(pin.group(2), frozenset())
+        elif name and (via := _VIA.match(line)) and via.group(1):
+            out[name] = out[name]._replace(via=out[name].via | {via.group(1).strip()})
+    return out
 
 
 def torch_source() -> list[str]:
