@@ -100,3 +100,8 @@ def test_the_image_installs_the_lock_then_the_code() -> None:
     lock = text.index(f"RUN pip install --no-deps -r /tmp/{SERVER_LOCK.name}")
     assert text.index(f"COPY {SERVER_LOCK.name} ") < lock < text.index("COPY . .")
     assert text.index("pip install --index-url") < lock  # torch first, from the index that picks CPU or CUDA
+    assert "RUN pip install --no-deps --target /opt/app /src" in text  # the code, apart from the venv
+    final = text[text.rindex("FROM ") :]
+    # The final stage ships the two as separate layers: a code change leaves the dependencies' layer as it was.
+    assert final.index("COPY --from=build /opt/venv /opt/venv") < final.index("COPY --from=build /opt/app /opt/app")
+    assert "PYTHONPATH=/opt/app" in final
