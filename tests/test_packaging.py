@@ -11,15 +11,19 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.subprocess_server import ServerProcess, free_port
 from tools.lock import SERVER_LOCK, TORCH, read_lock
@@ -99,6 +103,24 @@ def test_the_server_serves_grpc_and_rest_on_the_server_lock_alone(
 
 
 # --- the client package --------------------------------------------------------------------------
+
+
+def test_the_client_package_requires_what_its_stubs_check_and_ships_with_the_server() -> None:
+    client = tomllib.loads((ROOT / "clients" / "pyproject.toml").read_text())["project"]
+    server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert client["version"] == server["version"]
+    requires = {canonicalize_name(r.name): r for r in map(Requirement, client["dependencies"])}
+    assert set(requires) == CLIENT_REQUIRES
+    stubs = ROOT / "reranker_proto"
+    grpc_floor = re.search(r"GRPC_GENERATED_VERSION = '(.+)'", (stubs / "reranker_pb2_grpc.py").read_text())
+    protobuf_floor = re.search(r"Protobuf Python Version: (\d+)\.(\S+)", (stubs / "reranker_pb2.py").read_text())
+    assert grpc_floor and protobuf_floor, "the generated stubs no longer say which versions they need"
+    major, rest = protobuf_floor.groups()
+    assert str(requires["grpcio"].specifier) == f"<2,>={grpc_floor.group(1)}"
+    assert str(requires["protobuf"].specifier) == f"<{int(major) + 1},>={major}.{rest}"
+    locked = read_lock(SERVER_LOCK)
+    outside = {n: locked[n].version for n, r in requires.items() if not r.specifier.contains(locked[n].version)}
+    assert not outside, f"the lock's versions, which CI tests the client with, are outside its requirements: {outside}"
 
 
 def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
