@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name  # reranker.v1.Reranker
 HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_POLL_S = 1.0  # how often health looks at what no event reports (a stopped device loop, a stuck batch)
 REFUSALS_S = 0.25  # after the drain, at least this long for grpc's stop: calls that just arrived get UNAVAILABLE
 
 
@@ -115,6 +116,7 @@ class RerankServer:
         self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
         self.reloader = ModelReloader(self)
         self._loaded = False
+        self._health_watch: asyncio.Task[None] | None = None
         self._health_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -167,6 +169,7 @@ class RerankServer:
         self.reloader.start()
         self._loaded = True
         await self.refresh_health()
+        self._health_watch = asyncio.get_running_loop().create_task(self._watch_health(), name="health-watch")
         log.info(
             "serving",
             extra=fields(model=self.config.default_model, device=device, dtype=dtype, **self._startup_fields()),
@@ -223,11 +226,25 @@ class RerankServer:
         except RuntimeError:  # the loop is closed: the server is gone
             pass
 
+    async def _watch_health(self) -> None:
+        """What no event reports (a device loop that ended, an inference thread stuck on one batch): looked at every
+        HEALTH_POLL_S, health refreshed when it changes."""
+        last: dict[str, str] = {}
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = {n: s.unavailable() for n, s in self.service.models.items()}
+            if {n: bool(w) for n, w in now.items()} != {n: bool(w) for n, w in last.items()}:
+                for name, why in now.items():
+                    if why and not last.get(name):
+                        log.error("model %s cannot score: %s; health NOT_SERVING until it can", name, why)
+                await self.refresh_health()
+            last = now
+
     async def refresh_health(self) -> None:
         """Each model SERVING while it can score; the server's names while any model can (none before loading)."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         async with self._health_lock:  # refreshes from several threads land in order, the last one wins
-            able = {n: not s.tokenizing.unavailable() for n, s in self.service.models.items()}
+            able = {n: not s.unavailable() for n, s in self.service.models.items()}
             for name, _ in self.config.models:
                 await self.health.set(model_health_name(name), serving if able.get(name) else not_serving)
             overall = serving if self._loaded and any(able.values()) else not_serving
@@ -295,6 +312,8 @@ class RerankServer:
         else:
             log.warning("the grace period of %.1f s ended with calls in flight: cutting them off", grace)
             await self.server.stop(0)
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self.reloader.stop()
         for scoring in self.service.models.values():
             await scoring.batcher.stop()

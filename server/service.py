@@ -74,6 +74,11 @@ class Scoring:
     shapes: str = ""  # how the device's shapes were warmed (server.engine.warm), for the startup line
     calls: Calls = field(default_factory=Calls)
 
+    def unavailable(self) -> str:
+        """Why this model cannot score now ("" when it can): no live tokenizer worker, its device loop ended, or its
+        inference thread stuck on one batch past the bound."""
+        return self.tokenizing.unavailable() or self.batcher.unavailable()
+
     async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, options: Options) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
 
@@ -269,6 +274,9 @@ class RerankerService(pb_grpc.RerankerServicer):
         name = name or self.config.default_model
         scoring = self.models.get(name)
         if scoring is not None:
+            why = scoring.unavailable()
+            if why:  # fail fast rather than queue behind what cannot score
+                raise NotReady(f"model {name!r} cannot score now: {why}; retry shortly, or on another replica")
             return name, scoring
         if name in dict(self.config.models):
             raise NotReady(f"model {name!r} is still loading; retry shortly")

@@ -5,6 +5,7 @@ reload of a deleted directory, a call arriving as the drain ends."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -207,3 +208,50 @@ async def test_calls_arriving_as_the_drain_ends_are_unavailable_never_cancelled(
         await asyncio.gather(*callers)
     assert grpc.StatusCode.CANCELLED not in codes
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+
+
+class _Blocking:
+    """A real engine whose forward passes wait while `hold` is clear (an inference thread stuck on one batch)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def launch(self, batch: Any) -> Any:
+        self.hold.wait(60)
+        return self._engine.launch(batch)
+
+
+async def test_a_stuck_inference_thread_or_a_stopped_device_loop_is_not_serving(model_dir: Path, engine: Any) -> None:
+    blocking = _Blocking(engine)
+    srv = RerankServer(test_config(model_dir), engine=blocking)
+    await srv.start()
+    names = ("", SERVICE_NAME, model_health_name(srv.config.default_model))
+    try:
+        batcher = srv.batcher()
+        assert batcher is not None
+        batcher._limits = dataclasses.replace(batcher.limits, stuck_s=0.5)  # the bound, short for the test
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.RerankerStub(ch)
+            blocking.hold.clear()
+            stuck = asyncio.ensure_future(stub.Rerank(RERANK, timeout=60))
+            await until(lambda: srv.health._server_status[""] == NOT_SERVING, 10)
+            assert await _health(ch, *names) == [NOT_SERVING] * 3
+            err = await _rejected(stub)  # at once, not queued behind the stuck batch
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert "inference thread has been on one batch" in (err.details() or "")
+            blocking.hold.set()
+            assert len((await stuck).scores) == len(RERANK.candidates)  # the stuck call still gets its answer
+            await until(lambda: srv.health._server_status[""] == SERVING, 10)
+            assert len((await stub.Rerank(RERANK, timeout=30)).scores) == len(RERANK.candidates)
+            batcher._worker.cancel()  # type: ignore[union-attr]  # the device loop ends (as a bug would end it)
+            await until(lambda: srv.health._server_status[""] == NOT_SERVING, 10)
+            err = await _rejected(stub)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "device loop stopped" in (err.details() or "")
+    finally:
+        blocking.hold.set()
+        await srv.stop(0)
