@@ -17,10 +17,12 @@ import torch
 from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
+from server.chunking import Splitter
 from server.config import Config
 from server.engine import drift, precision
 from server.engine.launch import Arrays, Collect, Launcher
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
+from server.tokenize.options import Options, refusal
 
 __all__ = ["Encoded", "TokenizerCopies"]  # their home is server.tokenize.exact; tests and tools import them here
 
@@ -69,9 +71,10 @@ def pick_device(requested: str) -> str:
 
 def _offline_help(model: str) -> str:
     return (
-        f"To run offline, download the model once (e.g. `git clone https://huggingface.co/{model}` "
-        "with git-lfs, or `huggingface-cli download` on a connected machine) and start the server with "
-        "--model /path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
+        f"To run offline, download the model once on a connected machine (`hf download {model} --local-dir "
+        f"./models/{model.rsplit('/', 1)[-1]}`, the command huggingface-hub installs, or `git clone "
+        f"https://huggingface.co/{model}` with git-lfs) and start the server with --model "
+        "/path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
         "without any download, build a random-weight model (its scores mean nothing): "
         "`python -m tools.make_model ./models/tiny --shape tiny`, then `python -m server --model ./models/tiny`."
     )
@@ -206,27 +209,27 @@ def read_model_config(path: str) -> dict[str, Any] | None:
 
 
 def config_kind(cfg: dict[str, Any]) -> str | None:
-    """cross-encoder, llm or layerwise from a config.json's architectures; None when it is none of these."""
+    """From a config.json's architectures: cross-encoder, layerwise, lightweight, or causal (a *ForCausalLM whose
+    recipe the config alone cannot tell: server.engine.llm_model.model_kind looks further); None: no reranker."""
     archs = cfg.get("architectures") or []
     labels = cfg.get("num_labels") or len(cfg.get("id2label") or {0: ""})
     if any("LayerWise" in a for a in archs):  # BAAI/bge-reranker-v2-minicpm-layerwise
         return "layerwise"
+    if any("CostWise" in a for a in archs):  # BAAI/bge-reranker-v2.5-gemma2-lightweight
+        return "lightweight"
     if any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1:
         return "cross-encoder"
-    if any(a.endswith("ForCausalLM") and "CostWise" not in a for a in archs):  # not the "lightweight" Gemma 2
-        return "llm"
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal"
     return None
 
 
 def not_a_reranker(path: str, cfg: dict[str, Any]) -> ModelLoadError:
     archs = cfg.get("architectures") or []
-    lightweight = any("CostWise" in a for a in archs)
-    note = " (FlagEmbedding's lightweight reranker is not supported)" if lightweight else ""
     return ModelLoadError(
-        f"{path} is not a reranker this server can serve (architectures={archs}){note}: expected a "
-        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, a decoder-only "
-        "*ForCausalLM one, such as BAAI/bge-reranker-v2-gemma, or LayerWiseMiniCPMForCausalLM "
-        "(BAAI/bge-reranker-v2-minicpm-layerwise); --model-type overrides the detection"
+        f"{path} is not a reranker this server can serve (architectures={archs}): expected a "
+        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, or a decoder-only reranker "
+        "(README: the families table); --model-type overrides the detection"
     )
 
 
@@ -239,8 +242,8 @@ def _check_is_cross_encoder(path: str) -> None:
         raise not_a_reranker(path, cfg)
     if kind != "cross-encoder":
         raise ModelLoadError(
-            f"{path} is a decoder-only reranker (architectures={cfg.get('architectures')}), not a cross-encoder: "
-            f"serve it with --model-type {kind} or auto"
+            f"{path} is a decoder-only model (architectures={cfg.get('architectures')}), not a cross-encoder: "
+            "serve it with --model-type auto or the --model-type of its family (README: the families table)"
         )
 
 
@@ -263,6 +266,10 @@ def _model_token_limit(flag: FlagReranker) -> int:
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
 
+    family = "cross-encoder"
+    default_instruction = ""  # a cross-encoder takes no instruction
+    options = frozenset({"query_max_length"})  # what a request may set (server.tokenize.options)
+
     def __init__(self, config: Config, model: str | None = None, name: str | None = None) -> None:
         """Load `model` (a hub id or directory; default: the config's default model) under `name`."""
         default_name, default_model = config.models[0]
@@ -283,7 +290,7 @@ class RerankerModel:
         self.conversion = ""  # int8: where its converted model is kept, and its size
         self.max_length = config.max_length
         if not on_cuda:
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads)
         self.path = path = resolve_model_path(model)
         snapshot = Snapshot(path)
         self.revision = revision(path)
@@ -359,9 +366,18 @@ class RerankerModel:
     def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, return_dict=True).logits.view(-1).float()
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
-        """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread."""
-        return self.encoder.encode(pairs, max_length)
+    def refuse(self, o: Options) -> str | None:
+        """Why this model cannot honour a request's options (None: it can)."""
+        return refusal(self.name, self.family, o, self.options)
+
+    def splitter(self, o: Options, tokenizer: Any) -> Splitter:
+        """What cuts a request's long passages into windows that each fit with its query (long_documents=CHUNK)."""
+        return Splitter(self.flag, o.max_length or self.max_length, tokenizer, o.query_max_length)
+
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Encoded]:
+        """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread; `options`: the
+        request's (or a bare max_length)."""
+        return self.encoder.encode(pairs, options)
 
     def thread_tokenizer(self) -> Any:
         """This thread's own copy of the tokenizer (see TokenizerCopies)."""
@@ -405,9 +421,9 @@ class RerankerModel:
         """Raw logits for one padded batch, waiting for them."""
         return self.launch(batch)()
 
-    def score(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[float]:
+    def score(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[float]:
         """Raw logits for pairs, in input order, in one batch (for tools and tests)."""
-        return self.forward(self.encode(pairs, max_length))
+        return self.forward(self.encode(pairs, options))
 
     def batching(self, config: Config) -> Batching:
         """The flags' budgets where given (non-zero), else ones that fit this device."""
@@ -439,4 +455,4 @@ class RerankerModel:
         self.score([("warm up", "a short passage to warm up the model")])
         if pairs > 1:
             passage = " ".join(["a passage of many words to warm up the model"] * 16)
-            self.score([("warm up", passage)] * pairs, max_length=min(64, self.max_length))
+            self.score([("warm up", passage)] * pairs, min(64, self.max_length))
