@@ -78,6 +78,7 @@ class Config:
     rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
     model_type: str = "auto"  # auto: from config.json; cross-encoder, llm (FlagLLMReranker), layerwise
     cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
+    trust_remote_code: bool = False  # run the Python code a model ships (config.json auto_map), e.g. jina-reranker-v2
     # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
     handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
     max_connections: int = 4000  # gRPC port: open connections; past it new ones are closed at once
@@ -370,6 +371,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         type=int,
         default=d["cutoff_layer"],
         help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=d["trust_remote_code"],
+        help="load a model whose config.json maps its classes to Python files shipped with it (auto_map, e.g. "
+        "jina-reranker-v2): that code runs in the server with its permissions; off: such a model stops the server",
     )
     _add_connection_flags(p, d)
     return p
