@@ -27,9 +27,10 @@ from tools.make_model import SENTENCES, build_bert_model
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "what is panda?"
 
-# The model's own code: BERT with a head of its own (the logit negated), so its scores show that this file ran.
+# The model's own code: BERT with a head of its own (the logit negated), so its scores show that this file ran, and a
+# tokenizer class of its own (which the tokenizer worker processes must find too).
 MODELING = """
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 
 class TinyRemoteConfig(BertConfig):
@@ -43,16 +44,24 @@ class TinyRemoteForSequenceClassification(BertForSequenceClassification):
         out = super().forward(*args, **kwargs)
         out.logits = -out.logits
         return out
+
+
+class TinyRemoteTokenizer(BertTokenizer):
+    pass
 """
 
 
+def _update_json(file: Path, **values: object) -> None:
+    file.write_text(json.dumps({**json.loads(file.read_text()), **values}, indent=2))
+
+
 def build_remote_code_model(directory: Path) -> Path:
-    """The tiny BERT cross-encoder, its config.json pointing (auto_map) at a modeling file shipped beside it, under a
-    model type transformers does not know."""
+    """The tiny BERT cross-encoder, its config.json and tokenizer_config.json pointing (auto_map) at a modeling file
+    shipped beside them, under a model type transformers does not know."""
     path = build_bert_model(directory)
     (path / "modeling_tiny.py").write_text(MODELING)
-    config = json.loads((path / "config.json").read_text())
-    config.update(
+    _update_json(
+        path / "config.json",
         model_type="tiny-remote-reranker",
         architectures=["TinyRemoteForSequenceClassification"],
         auto_map={
@@ -60,7 +69,11 @@ def build_remote_code_model(directory: Path) -> Path:
             "AutoModelForSequenceClassification": "modeling_tiny.TinyRemoteForSequenceClassification",
         },
     )
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _update_json(
+        path / "tokenizer_config.json",
+        tokenizer_class="TinyRemoteTokenizer",
+        auto_map={"AutoTokenizer": [None, "modeling_tiny.TinyRemoteTokenizer"]},  # [slow, fast]
+    )
     return path
 
 
@@ -84,6 +97,7 @@ def test_without_the_flag_the_server_stops_with_one_line_naming_it(remote: Path)
     assert len(lines) == 1, proc.stderr[-2000:]
     assert "--trust-remote-code" in lines[0] and "RERANKER_TRUST_REMOTE_CODE" in lines[0]
     assert "modeling_tiny.TinyRemoteForSequenceClassification" in lines[0]  # which code it would run
+    assert "AutoTokenizer -> modeling_tiny.TinyRemoteTokenizer" in lines[0]
     assert "permissions" in lines[0]  # and what the flag allows
     assert "Traceback" not in proc.stderr
 
@@ -94,11 +108,11 @@ def test_a_built_in_model_type_with_its_own_code_is_refused_too(remote: Path, tm
     import shutil
 
     path = Path(shutil.copytree(remote, tmp_path / "as-bert"))
-    config = json.loads((path / "config.json").read_text())
-    config.update(model_type="bert", architectures=["BertForSequenceClassification"])
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="ships its own model code .* --trust-remote-code"):
+    _update_json(path / "config.json", model_type="bert", architectures=["BertForSequenceClassification"])
+    _update_json(path / "tokenizer_config.json", tokenizer_class="BertTokenizer", auto_map={})
+    with pytest.raises(ModelLoadError, match="ships its own model code .AutoConfig -> .*--trust-remote-code") as err:
         RerankerModel(test_config(path))
+    assert "AutoTokenizer" not in str(err.value)
 
 
 def test_the_flag_and_its_variable() -> None:
@@ -115,6 +129,8 @@ async def test_with_the_flag_its_code_scores_as_flag_reranker_and_cross_encoder_
     srv = RerankServer(test_config(remote, trust_remote_code=True, tokenize_workers=1))
     await srv.start()
     try:
+        engine = srv.service.models[srv.config.default_model].engine
+        assert type(engine.tokenizer).__name__ == "TinyRemoteTokenizer"  # pickled to the worker, found there too
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             resp = await pb_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query=QUERY, candidates=SENTENCES))
     finally:
