@@ -65,8 +65,8 @@ async def stub(families: dict[str, Family]) -> AsyncIterator[pb_grpc.RerankerStu
     pairs tokenized in a worker process, and a batch window wide enough for concurrent requests to share passes."""
     spec = ",".join(f"{kind}={f.path}" for kind, f in families.items())
     srv = RerankServer(test_config(families["bert"].path, model=spec, tokenize_workers=1, max_wait_ms=50.0))
-    await srv.start()
-    try:
+    try:  # stopped even when a model fails to start: its workers and threads would keep pytest from exiting
+        await srv.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = pb_grpc.RerankerStub(channel)
             stub.server = srv  # type: ignore[attr-defined]  # for the tests that read its batchers

@@ -127,8 +127,8 @@ def test_the_flag_and_its_variable() -> None:
 
 async def test_with_the_flag_its_code_scores_as_flag_reranker_and_cross_encoder_run_it(remote: Path) -> None:
     srv = RerankServer(test_config(remote, trust_remote_code=True, tokenize_workers=1))
-    await srv.start()
     try:
+        await srv.start()
         engine = srv.service.models[srv.config.default_model].engine
         assert type(engine.tokenizer).__name__ == "TinyRemoteTokenizer"  # pickled to the worker, found there too
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
