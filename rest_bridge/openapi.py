@@ -6,29 +6,66 @@ turns pydantic's JSON Schema (2020-12) into OpenAPI 3.0's dialect, which the bun
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from pydantic import TypeAdapter
 
 from rest_bridge import models as m
+from rest_bridge import models_vendors as mo
+from rest_bridge import models_vllm as mv
+from rest_bridge.recognise import V1_RERANK, V2_RERANK
+from rest_bridge.routes import RERANK, ROUTES, Route
 
 _REF = "#/components/schemas/{model}"
+
+# Each dialect's request, answer and error body, named once as components.
+DIALECT_SCHEMAS: dict[str, tuple[str, str, str]] = {
+    "legacy 2": ("LegacyRerankRequest", "LegacyRerankResponse", "Error"),
+    "TEI": ("TeiRerankRequest", "TeiRerankResponse", "Error"),
+    "Infinity": ("InfinityRerankRequest", "InfinityRerankResponse", "Error"),
+    "Cohere v1": ("CohereV1RerankRequest", "CohereV1RerankResponse", "CohereError"),
+    "Cohere v2": ("CohereV2RerankRequest", "CohereV2RerankResponse", "CohereError"),
+    "vLLM rerank": ("VllmRerankRequest", "VllmRerankResponse", "VllmError"),
+    "vLLM score": ("VllmScoreRequest", "VllmScoreResponse", "VllmError"),
+    "Voyage": ("VoyageRerankRequest", "VoyageRerankResponse", "DetailError"),
+    "Mixedbread": ("MixedbreadRerankRequest", "MixedbreadRerankResponse", "DetailError"),
+    "NVIDIA NIM": ("NimRankingRequest", "NimRankingResponse", "NimError"),
+}
+# A shared path's union components: "Rerank" -> RerankRequest, RerankResponse, RerankError.
+SHARED = {RERANK.dialects: "Rerank", V1_RERANK: "V1Rerank", V2_RERANK: "V2Rerank"}
+
+
+def _declared(name: str) -> Any:
+    if name == "TeiRerankResponse":
+        return list[m.TeiRank]
+    return next(getattr(module, name) for module in (m, mv, mo) if hasattr(module, name))
+
+
+_TYPES = {name: _declared(name) for triple in DIALECT_SCHEMAS.values() for name in triple}
+
+
+def _union(names: list[str]) -> Any:
+    types = [_TYPES[n] for n in dict.fromkeys(names)]
+    return types[0] if len(types) == 1 else Union[tuple(types)]  # noqa: UP007 (a runtime union of types)
+
+
+def _shared_schemas() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dialects, prefix in SHARED.items():
+        for i, suffix in enumerate(("Request", "Response", "Error")):
+            out[prefix + suffix] = _union([DIALECT_SCHEMAS[d.name][i] for d in dialects])
+    return out
+
 
 # Component name -> the declared type (TypedDicts and lists are schemas too, so TypeAdapter for all).
 SCHEMAS: dict[str, Any] = {
     "LegacyPostRequest": m.LegacyPostRequest,
     "LegacyPostResponse": m.LegacyPostResponse,
-    "RerankRequest": m.LegacyRerankRequest | m.TeiRerankRequest | m.InfinityRerankRequest,
-    "RerankResponse": m.LegacyRerankResponse | list[m.TeiRank] | m.InfinityRerankResponse,
-    "CohereV1RerankRequest": m.CohereV1RerankRequest,
-    "CohereV1RerankResponse": m.CohereV1RerankResponse,
-    "CohereV2RerankRequest": m.CohereV2RerankRequest,
-    "CohereV2RerankResponse": m.CohereV2RerankResponse,
+    **_TYPES,
+    **_shared_schemas(),
     "TeiInfo": m.TeiInfo,
     "ModelList": m.ModelList,
     "Health": m.Health,
-    "Error": m.Error,
-    "CohereError": m.CohereError,
     "OpenApiDocument": dict[str, Any],
 }
 
@@ -99,7 +136,9 @@ HEADERS = [
 ]
 
 
-def _post(summary: str, description: str, request: str, response: str, error: str) -> dict[str, Any]:
+def _post(
+    summary: str, description: str, request: str, response: str, error: str, params: list[Any] | None = None
+) -> dict[str, Any]:
     errors = {status: _json(error, text) for status, text in ERRORS.items()}
     if error == "LegacyPostResponse":  # legacy 1 answers a bad request with HTTP 200 and its envelope
         del errors["400"]
@@ -107,7 +146,7 @@ def _post(summary: str, description: str, request: str, response: str, error: st
         "post": {
             "summary": summary,
             "description": description,
-            "parameters": HEADERS,
+            "parameters": (params or []) + HEADERS,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
             "responses": {"200": _json(response, "Scored."), **errors},
         }
@@ -118,17 +157,19 @@ def _get(summary: str, response: str, description: str, **others: dict[str, Any]
     return {"get": {"summary": summary, "responses": {"200": _json(response, description), **others}}}
 
 
-RERANK = _post(
-    "Legacy 2, TEI or Infinity, told apart by the body's list",
-    "`compare_to` (legacy 2, fc3-bge-reranker-api): `{object: list, data}` with sigmoid scores in input order. "
-    "`texts` (Text Embeddings Inference): an array of `{index, score, text?}`, best first; sigmoid unless "
-    "`raw_scores`; a text too long for one pair is scored by its best window unless `truncate`. "
-    "`documents` (Infinity): `{object: rerank, results, model, usage, id, created}`, best first, cut to `top_n`. "
-    "A body with none of the three lists is a 400 naming them.",
-    "RerankRequest",
-    "RerankResponse",
-    "Error",
-)
+MODEL_IN_PATH = {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+
+
+def _route(route: Route) -> dict[str, Any]:
+    """A rerank or score route's operation, from its dialects' declared schemas."""
+    if route.dialects in SHARED:
+        prefix = SHARED[route.dialects]
+        request, response, error = prefix + "Request", prefix + "Response", prefix + "Error"
+    else:
+        request, response, error = DIALECT_SCHEMAS[route.dialects[0].name]
+    params = [MODEL_IN_PATH] if "{model}" in route.path else None
+    return _post(route.summary, route.description, request, response, error, params)
+
 
 MODELS = _get(
     "The loaded models (OpenAI/Infinity list shape); the first is the server's default",
@@ -160,26 +201,7 @@ OPENAPI: dict[str, Any] = {
             "LegacyPostResponse",
             "LegacyPostResponse",
         ),
-        "/rerank": RERANK,
-        "/reank": RERANK,
-        "/v1/rerank": _post(
-            "Cohere v1 (and Jina) rerank",
-            "Results best first, cut to `top_n`. Scores are sigmoid in [0, 1] unless `raw_scores` is true. "
-            "`documents` may be strings or objects (ranked on `text`, or on `rank_fields`). With "
-            "`max_chunks_per_doc`, a document too long for one pair is scored by its best window. Errors are "
-            "`{message}`.",
-            "CohereV1RerankRequest",
-            "CohereV1RerankResponse",
-            "CohereError",
-        ),
-        "/v2/rerank": _post(
-            "Cohere v2 rerank",
-            "Results best first, cut to `top_n`, sigmoid scores. A document too long for one pair is scored by "
-            "its best window. Errors are `{message}`.",
-            "CohereV2RerankRequest",
-            "CohereV2RerankResponse",
-            "CohereError",
-        ),
+        **{route.path: _route(route) for route in ROUTES},
         "/v1/models": MODELS,
         "/models": MODELS,
         "/info": _get(

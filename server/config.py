@@ -85,6 +85,7 @@ class Config:
     rest_header_timeout_s: float = 10.0  # REST: connect (or the last response) to complete request headers
     rest_body_timeout_s: float = 30.0  # REST: complete headers to the whole body, else 408
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
+    rest_auto_truncate: bool = True  # REST: a TEI /rerank body without `truncate` truncates (TEI's --auto-truncate)
 
     def __post_init__(self) -> None:
         names = [n for n, _ in parse_models(self.model)]
@@ -412,6 +413,13 @@ def _add_connection_flags(p: argparse.ArgumentParser, d: Mapping[str, object]) -
         type=int,
         default=d["rest_max_connections"],
         help="REST: open connections; past it new ones get 503 at once (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=d["rest_auto_truncate"],
+        help="REST: a TEI /rerank body without truncate is truncated (TEI's --auto-truncate); off: an over-long "
+        "text is refused (%(default)s)",
     )
 
 
