@@ -56,9 +56,10 @@ async def test_tei_raw_scores_return_text_and_truncate(bridge: TestClient, engin
     texts = ["hi", PANDA, LONG[0]]
     body: dict[str, Any] = {"query": "what is panda?", "texts": texts, "raw_scores": True, "return_text": True}
     # TEI's auto-truncate (true by default since its PR #829): no `truncate` cuts the long text, as truncate: true.
-    assert await (await bridge.post("/rerank", json=body)).json() == await (
-        await bridge.post("/rerank", json={**body, "truncate": True})
-    ).json()
+    assert (
+        await (await bridge.post("/rerank", json=body)).json()
+        == await (await bridge.post("/rerank", json={**body, "truncate": True})).json()
+    )
     chunked = await (await bridge.post("/rerank", json={**body, "max_chunks_per_doc": 64})).json()  # best window
     truncated = await (await bridge.post("/rerank", json={**body, "truncate": True})).json()
     left = await (await bridge.post("/rerank", json={**body, "truncate": True, "truncation_direction": "Left"})).json()
