@@ -51,7 +51,7 @@ async def test_rerank_answers_vllms_shape_on_every_path(bridge: TestClient, flag
     resp = await bridge.post(path, json=body, headers={"X-Request-Id": "req-7"})
     assert resp.status == 200
     got = await resp.json()
-    # RerankResponse: id, model, usage {prompt_tokens, total_tokens}, results [{index, document {text}, relevance_score}]
+    # RerankResponse: id, model, usage {prompt_tokens, total_tokens}, results [{index, document, relevance_score}]
     assert set(got) == {"id", "model", "usage", "results"} and got["id"] == "req-7" and got["model"]
     assert set(got["usage"]) == {"prompt_tokens", "total_tokens"} and got["usage"]["total_tokens"] > 0
     want = scores(flag_reranker, [[QUERY, d] for d in docs], normalize=True)
