@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from rest_bridge import BridgeConfig, create_app
+from rest_bridge.config import load_bridge_config
 from server.app import RerankServer
 from tests.test_bridge import PANDA, assert_close, reference
 from tests.test_chunking import LONG
@@ -135,6 +136,14 @@ async def test_auto_truncate_off_refuses_a_body_without_truncate(server: RerankS
     assert (await (await client.get("/info")).json())["auto_truncate"] is False
     resp = await client.post("/rerank", json={"query": QUERY, "texts": ["hi", LONG[0]], "truncate": True})
     assert resp.status == 200
+
+
+def test_auto_truncate_setting_parses_as_a_boolean() -> None:
+    assert load_bridge_config([], env={}).auto_truncate is True  # TEI's default
+    assert load_bridge_config([], env={"RERANKER_REST_AUTO_TRUNCATE": "off"}).auto_truncate is False
+    assert load_bridge_config(["--auto-truncate", "false"], env={}).auto_truncate is False
+    with pytest.raises(SystemExit):
+        load_bridge_config([], env={"RERANKER_REST_AUTO_TRUNCATE": "maybe"})
 
 
 # ---------------------------------------------------------------- one rule for shared paths
