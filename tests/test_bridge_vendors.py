@@ -105,6 +105,24 @@ async def test_voyage_answer_and_error_shape(bridge: TestClient, flag_reranker: 
     assert resp.status == 400 and await resp.json() == {"detail": "documents must be a list of strings, got a string"}
 
 
+async def test_voyage_truncation_matches_compute_score(bridge: TestClient, flag_reranker: Any) -> None:
+    body = {"query": QUERY, "documents": ["hi", LONG[0]], "truncation": True}
+    got = (await (await bridge.post("/v1/rerank", json=body)).json())["data"]
+    want = reference(flag_reranker, [[QUERY, "hi"], [QUERY, LONG[0]]], normalize=True)
+    assert {r["index"]: r["relevance_score"] for r in got} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+
+
+async def test_cohere_v2_max_tokens_per_doc(bridge: TestClient) -> None:
+    body = {"model": "rerank-v3.5", "query": QUERY, "documents": ["hi", LONG[0]]}
+    whole = await (await bridge.post("/v2/rerank", json=body)).json()
+    for at_least_the_pair in (512, 4096):  # cannot bind: the same scores as without it
+        same = await (await bridge.post("/v2/rerank", json={**body, "max_tokens_per_doc": at_least_the_pair})).json()
+        assert same["results"] == whole["results"]
+    resp = await bridge.post("/v2/rerank", json={**body, "max_tokens_per_doc": 100})
+    assert resp.status == 400
+    assert (await resp.json())["message"].startswith("max_tokens_per_doc 100 is below the model's pair limit of 512")
+
+
 async def test_mixedbread_answer_fields(bridge: TestClient) -> None:
     body = {"query": QUERY, "input": [{"title": "t", "body": PANDA}, "hi"], "rank_fields": ["title", "body"]}
     got = await (await bridge.post("/v1/reranking", json=body)).json()
