@@ -152,13 +152,16 @@ async def test_bad_rerank_bodies_get_vllms_error(bridge: TestClient, body: Any, 
     assert problem in got["error"]["message"]
 
 
-def test_instruction_and_chat_template_kwargs_reach_the_contract() -> None:
+def test_instruction_kwargs_and_limits_reach_the_contract() -> None:
     """vLLM folds `instruction` into chat_template_kwargs, the explicit key winning: so does the bridge."""
     config = BridgeConfig()
     parsed = parse(VLLM_RERANK.model, {"query": "q", "documents": ["d"], "instruction": "top"})
     assert VLLM_RERANK.request(parsed, config).instruction == "top"
     both = {"query": "q", "documents": ["d"], "instruction": "top", "chat_template_kwargs": {"instruction": "kw"}}
     assert VLLM_RERANK.request(parse(VLLM_RERANK.model, both), config).instruction == "kw"
+    limited = {"query": "q", "documents": ["d"], "max_tokens_per_query": 16, "truncate_prompt_tokens": 100}
+    req = VLLM_RERANK.request(parse(VLLM_RERANK.model, limited), config)
+    assert (req.query_max_length, req.max_length, req.long_documents) == (16, 100, pb.LONG_DOCUMENTS_TRUNCATE)
     score = parse(VLLM_SCORE.model, {"text_1": "q", "text_2": ["a", "b"], "chat_template_kwargs": {"instruction": "i"}})
     req = VLLM_SCORE.request(score, config)
     assert req.instruction == "i" and req.query == "q" and list(req.candidates) == ["a", "b"]
