@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -52,7 +53,7 @@ class Dialect(Generic[R]):
     # Rules that need the model's pair limit (max_length): (request, limit) -> None, or BadRequest naming the rule.
     limits: Callable[[R, int], None] | None = None
 
-    @property
+    @cached_property  # a frozen dataclass still takes it: cached_property writes the instance's __dict__
     def vocabulary(self) -> frozenset[str]:
         """The body fields this dialect reads (accepted ones with no effect included)."""
         return frozenset(self.model.model_fields)
