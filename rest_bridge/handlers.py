@@ -23,6 +23,7 @@ from rest_bridge.recognise import choose
 from rest_bridge.truncation import refused
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DIALECT_KEY = web.RequestKey("dialect", str)  # the dialect that answered, e.g. "vLLM rerank" (for logs and metrics)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
@@ -143,6 +144,7 @@ def _request_id(request: web.Request) -> str:
 
 async def _serve(request: web.Request, dialect: Dialect[Any], body: dict[str, Any]) -> web.Response:
     request[ERROR_SHAPE_KEY] = dialect.error
+    request[DIALECT_KEY] = dialect.name
     parsed = parse(dialect.model, body)
     up = _upstream(request)
     metadata = _metadata(request)
