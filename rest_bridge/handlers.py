@@ -17,13 +17,12 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge.channel import open_channel
 from rest_bridge.config import BridgeConfig
 from rest_bridge.dialects import Dialect
-from rest_bridge.errors import ERROR_SHAPE_KEY, TEXT_PAIRS_KEY, BadRequest, ErrorShape
+from rest_bridge.errors import DIALECT_KEY, ERROR_SHAPE_KEY, TEXT_PAIRS_KEY, BadRequest, ErrorShape
 from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
 from rest_bridge.recognise import choose
 from rest_bridge.truncation import refused
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DIALECT_KEY = web.RequestKey("dialect", str)  # the dialect that answered, e.g. "vLLM rerank" (for logs and metrics)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
@@ -86,6 +85,27 @@ class Upstream:
             limit = info.max_length
             self._max_length[model] = (time.monotonic(), limit)
         return limit
+
+    async def described_models(self) -> list[str]:
+        """A line per served model for the docs page (name, family, device, dtype); [] when the server cannot say.
+
+        Asked with the bridge's own key (the page opens before its reader has authorized).
+        """
+        key = self.config.api_key
+        metadata = [("authorization", f"Bearer {key}")] if key else []
+        try:
+            names = await self.models(metadata)
+        except grpc.aio.AioRpcError:
+            return []
+        return [await self._describe(name, metadata) for name in names]
+
+    async def _describe(self, name: str, metadata: list[tuple[str, str]]) -> str:
+        request = pb.GetModelInfoRequest(model=name)
+        try:
+            i = await self.reranker.GetModelInfo(request, timeout=min(5.0, self.config.deadline_s), metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            return f"`{name}`: {'still loading' if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name}"
+        return f"`{i.model}`: " + ", ".join(([f"{i.family} reranker"] if i.family else []) + [i.device, i.dtype])
 
     async def close(self) -> None:
         await self.channel.close()
