@@ -17,7 +17,7 @@ from rest_bridge import models_vllm as mv
 from rest_bridge.dialects import COHERE_V1, COHERE_V2, INFINITY, LEGACY_1, LEGACY_2, TEI
 from rest_bridge.dialects_vendors import MIXEDBREAD, NIM, VOYAGE
 from rest_bridge.dialects_vllm import VLLM_RERANK, VLLM_SCORE
-from rest_bridge.recognise import V1_RERANK, V2_RERANK
+from rest_bridge.recognise import RERANK_LISTS, V1_RERANK, V2_RERANK, rerank_candidates
 from rest_bridge.routes import RERANK, ROUTES, Route
 from server import __version__
 
@@ -214,7 +214,10 @@ def _route(route: Route) -> dict[str, Any]:
     else:
         request, response, error = DIALECT_SCHEMAS[route.dialects[0].name]
     params = [MODEL_IN_PATH] if "{model}" in route.path else []
-    tags = [d.name for d in route.dialects]
+    # Swagger UI shows an operation under each of its tags: a shared path goes under its default dialect(s) only
+    # (/rerank: one per list key), the others it carries are named in its description and have paths of their own.
+    defaults = [group[0] for group in RERANK_LISTS.values()] if route.pick is rerank_candidates else route.dialects[:1]
+    tags = [d.name for d in defaults]
     item = _post(route.summary, route.description, request, response, error, tags, params)
     if route.path == "/reank":
         return _legacy_spelling(
@@ -319,7 +322,7 @@ ROUTE_DIALECTS = {
     for path, item in OPENAPI["paths"].items()
     for op in item.values()
     if len(op["tags"]) == 1 and op["tags"] != [OPERATIONS_TAG]
-}
+} | {route.path: route.dialects[0].name for route in ROUTES if route.pick is None}  # a shared path's default
 
 
 def document(models: Sequence[str]) -> dict[str, Any]:
