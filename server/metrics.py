@@ -38,12 +38,13 @@ class BusyClock(Collector):
     scrape reads from its own thread, hence the lock.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._seconds: dict[str, float] = {}
         self._open: dict[int, str] = {}  # batches in flight, oldest first: id -> model
         self._ids = itertools.count()
-        self._mark = time.monotonic()  # busy time before this is credited
+        self._mark = clock()  # busy time before this is credited
 
     def track(self, model: str) -> None:
         """Export `model` at 0 before its first batch, so a rate over it starts from a sample."""
@@ -71,7 +72,7 @@ class BusyClock(Collector):
             return dict(self._seconds)
 
     def _advance(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if self._open:
             model = next(iter(self._open.values()))
             self._seconds[model] = self._seconds.get(model, 0.0) + (now - self._mark)
