@@ -2,12 +2,13 @@
 
 `python -m bench.saturation [--model DIR] [--shape tiny|base] [--step-s 30]`: starts `python -m server` on
 127.0.0.1, measures its capacity (16 closed-loop clients, 1 x 10 requests), then offers Poisson arrivals of the same
-requests at fractions of that capacity, one step after another. Per step: the busy share
+requests, one step after another, each step's rate aimed at the next busy share of LEVELS from what the step before
+measured (so the steps cover the range even when the machine's speed drifts under them). Per step: the busy share
 (`reranker_busy_seconds_total` from /metrics over the step: the saturation signal), the achieved rate, the callers'
-latency, and their slowdown: each call's latency over its own forward passes' time (`usage.inference_ms`), which a
-machine whose speed drifts (a shared one) scales alike. The target is the highest busy share whose p90 slowdown stays
-within SLOWDOWN_FACTOR (2) times the lightest step's: past it the slowest tenth of callers wait about as long again
-as they are scored. Rounded down to 0.05. The server is stopped by pid. Loopback only, bounded.
+latency, and the time their pairs queued before their first forward pass (`usage.queue_ms`). The target is the
+highest busy share whose p90 latency stays within LATENCY_FACTOR (2) times the least busy step's: past it the slowest
+tenth of callers wait about as long again as they are scored. Rounded down to 0.05. The server is stopped by pid.
+Loopback only, bounded.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from bench.run import free_port, model_dir, process
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 
-FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-HEADER = ("offered", "busy share", "answered/s", "calls", "p50 ms", "p90 ms", "p99 ms", "slow p50", "slow p90", "fails")
-SLOWDOWN_FACTOR = 2.0  # "callers wait": the p90 caller takes twice as long, relative to its own scoring, as when idle
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # busy shares the steps aim at
+HEADER = ("offered (aimed at)", "busy share", "answered/s", "calls", "p50 ms", "p90 ms", "p99 ms")
+HEADER += ("queue p50 ms", "queue p90 ms", "fails")
+LATENCY_FACTOR = 2.0  # "callers wait": the p90 caller takes twice as long as when the replica is nearly idle
 
 
 def requests(model: str, count: int = 64, seed: int = 0) -> list[pb.RerankRequest]:
@@ -71,7 +73,7 @@ async def capacity(stub: pb_grpc.RerankerStub, reqs: list[pb.RerankRequest], sec
 
 async def step(stub: Any, reqs: list[pb.RerankRequest], rate: float, seconds: float, port: int) -> dict[str, float]:
     """Poisson arrivals at `rate` for `seconds`; every call is awaited (bounded by its deadline) before returning."""
-    rng, latencies, slowdowns, failed = random.Random(1), [], [], 0
+    rng, latencies, queue_ms, failed = random.Random(1), [], [], 0
 
     async def call(req: pb.RerankRequest) -> None:
         nonlocal failed
@@ -82,7 +84,7 @@ async def step(stub: Any, reqs: list[pb.RerankRequest], rate: float, seconds: fl
             failed += 1
             return
         latencies.append(time.perf_counter() - t)
-        slowdowns.append(latencies[-1] * 1e3 / max(reply.usage.inference_ms, 1e-3))
+        queue_ms.append(reply.usage.queue_ms)
 
     calls, busy0, start = [], busy_seconds(port), time.monotonic()
     while time.monotonic() - start < seconds:
@@ -100,22 +102,22 @@ async def step(stub: Any, reqs: list[pb.RerankRequest], rate: float, seconds: fl
         "p50_ms": percentile(latencies, 50) * 1e3,
         "p90_ms": percentile(latencies, 90) * 1e3,
         "p99_ms": percentile(latencies, 99) * 1e3,
-        "slow_p50": percentile(slowdowns, 50),
-        "slow_p90": percentile(slowdowns, 90),
+        "queue_p50_ms": percentile(queue_ms, 50),
+        "queue_p90_ms": percentile(queue_ms, 90),
     }
 
 
-def _line(fraction: float, row: dict[str, float]) -> str:
-    cells = [f"{fraction:.0%} ({row['offered_rps']:.1f}/s)", f"{row['busy']:.2f}", f"{row['answered_rps']:.1f}"]
+def _line(level: float, row: dict[str, float]) -> str:
+    cells = [f"{row['offered_rps']:.1f}/s (for {level:.2f})", f"{row['busy']:.2f}", f"{row['answered_rps']:.1f}"]
     cells += [f"{row[k]:.0f}" for k in ("calls", "p50_ms", "p90_ms", "p99_ms")]
-    cells += [f"{row['slow_p50']:.1f}", f"{row['slow_p90']:.1f}", f"{row['failed']:.0f}"]
+    cells += [f"{row[k]:.0f}" for k in ("queue_p50_ms", "queue_p90_ms", "failed")]
     return "| " + " | ".join(cells) + " |"
 
 
 def target(rows: list[dict[str, float]]) -> float:
-    """The highest busy share whose p90 slowdown is within SLOWDOWN_FACTOR x the lightest step's (to 0.05 below)."""
-    bound = SLOWDOWN_FACTOR * rows[0]["slow_p90"]
-    good = [r["busy"] for r in rows if r["slow_p90"] <= bound and not r["failed"]]
+    """The highest busy share whose p90 latency is within LATENCY_FACTOR x the least busy step's (to 0.05 below)."""
+    bound = LATENCY_FACTOR * min(rows, key=lambda r: r["busy"])["p90_ms"]
+    good = [r["busy"] for r in rows if r["p90_ms"] <= bound and not r["failed"]]
     return int(max(good, default=0.0) * 20) / 20
 
 
@@ -134,12 +136,15 @@ async def run(model: str, step_s: float, capacity_s: float) -> None:
             print(f"capacity: {full:.1f} requests/s of 1 x 10 ({full * 10:.0f} pairs/s)", flush=True)
             print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
             rows = []
-            for fraction in FRACTIONS:
-                row = await step(stub, reqs, fraction * full, step_s, metrics_port)
+            rate = LEVELS[0] * full
+            for level in LEVELS:
+                row = await step(stub, reqs, rate, step_s, metrics_port)
                 rows.append(row)
-                print(_line(fraction, row), flush=True)
-    bound = SLOWDOWN_FACTOR * rows[0]["slow_p90"]
-    print(f"target: busy share {target(rows):.2f} (the busiest step whose p90 slowdown is at most {bound:.1f})")
+                print(_line(level, row), flush=True)
+                following = LEVELS[min(LEVELS.index(level) + 1, len(LEVELS) - 1)]
+                rate *= min(3.0, following / max(row["busy"], 0.05))  # busy share grows about linearly with the rate
+    bound = LATENCY_FACTOR * min(rows, key=lambda r: r["busy"])["p90_ms"]
+    print(f"target: busy share {target(rows):.2f} (the busiest step whose p90 latency is at most {bound:.0f} ms)")
 
 
 def main() -> None:
