@@ -190,6 +190,7 @@ class RerankServer:
             limits,
             on_batch=self.metrics.on_batch,
             collect_executor=self._collect_pool,
+            group=_forward_settings,
             on_launch=partial(self.metrics.busy.start, name),  # one clock per device: the models share its thread
         )
         batcher.start()
@@ -267,3 +268,9 @@ class RerankServer:
         self._collect_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
         self._local.remove()
+
+
+def _forward_settings(item: Any) -> Any:
+    """A tokenized pair's forward-pass settings (server.tokenize.prompted.Prompted.forward): pairs whose settings
+    differ share no batch."""
+    return getattr(item, "forward", None)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -122,9 +122,11 @@ class Batcher(Generic[Item]):
         length: Callable[[Item], int] = len,  # type: ignore[assignment]
         on_batch: Callable[[int, int, float], None] | None = None,
         collect_executor: Executor | None = None,
+        group: Callable[[Item], Hashable] | None = None,
         on_launch: Callable[[], Done] | None = None,
     ) -> None:
         self._launch = launch
+        self._group = group  # items of different groups (e.g. other layers to score at) never share a batch
         self._on_launch = on_launch  # the device's busy clock: a batch is in flight until its Done is called
         self._executor = executor
         self._collect_executor = collect_executor or executor
@@ -298,8 +300,12 @@ class Batcher(Generic[Item]):
             return []
         start = self._anchor(live)
         anchor = live[start]
+        window = live[start:]
+        if self._group is not None:
+            key = self._group(anchor.item)
+            window = [p for p in window if self._group(p.item) == key]
         batch: list[_Pending[Item]] = []
-        for p in sorted(live[start : start + self._limits.window], key=lambda p: -p.length):
+        for p in sorted(window[: self._limits.window], key=lambda p: -p.length):
             # Longest first, so a batch's first pair sets the padded length of the whole batch.
             if batch and (
                 len(batch) >= self._limits.max_pairs or batch[0].length * (len(batch) + 1) > self._limits.max_tokens
