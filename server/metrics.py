@@ -14,6 +14,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from server.config import Config
+from server.logs import dropped_lines
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -26,6 +27,14 @@ def _powers_of_two(low: int, high: int) -> tuple[float, ...]:
         out.append(value)
         value *= 2
     return (*out, high)
+
+
+class _LogDrops(Collector):
+    """The process's count of dropped log lines (logging is per process, the registry per server)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        help_text = "Log lines dropped because the log output was not being read (logging never blocks serving)"
+        yield CounterMetricFamily("reranker_log_lines_dropped", help_text, value=dropped_lines())
 
 
 class BusyClock(Collector):
@@ -136,6 +145,19 @@ class Metrics:
             "Tokenizer worker processes that died (each is replaced; only the slice it held failed)",
             registry=r,
         )
+        self.tokenizer_workers = Gauge(
+            "reranker_tokenizer_workers",
+            "Tokenizer worker processes running, by model (none for a model tokenizing in threads)",
+            ["model"],
+            registry=r,
+        )
+        self.tokenizer_worker_start_failures = Counter(
+            "reranker_tokenizer_worker_start_failures",
+            "Tokenizer worker starts that failed, by model (each is tried again, with a bounded back-off)",
+            ["model"],
+            registry=r,
+        )
+        r.register(_LogDrops())
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
         self.serving = Gauge("reranker_serving", "1 while health says SERVING, 0 while loading or draining", registry=r)
         self.busy = BusyClock()
