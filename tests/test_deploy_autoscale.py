@@ -225,6 +225,6 @@ def test_every_alert_is_in_the_readme_with_what_to_do() -> None:
 
 def test_ci_installs_prometheus_with_the_readmes_set_up_line() -> None:
     readme = (ROOT / "README.md").read_text()
-    set_up = readme[readme.index("## Set up") : readme.index("## Run")]
+    set_up = readme[readme.index("\n## Set up\n") : readme.index("\n## Run\n")]
     (line,) = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "prometheus" in ln]
     assert f"\n{line}\n" in set_up, "README 'Set up' and .ci/run must install Prometheus with the same line"
