@@ -60,9 +60,10 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with contextlib.ExitStack() as stack:
         replicas = {}
         for key, models in (("a", ["--model", f"first={model_dir}", "--model", f"second={model_dir}"]), ("b", [])):
-            replica = ServerProcess(
-                model_dir, tmp / f"{key}.log", *models, "--metrics-port", str(ports[key]), "--max-queue-pairs", "4096"
-            )
+            replica = ServerProcess(  # with the REST port, as the Deployment runs it (its metrics come with it)
+                model_dir, tmp / f"{key}.log", *models, "--metrics-port", str(ports[key]),
+                "--rest-port", str(free_port()), "--max-queue-pairs", "4096",
+            )  # fmt: skip
             stack.callback(replica.stop)
             replicas[key] = replica
         prometheus = Prometheus(
