@@ -13,7 +13,7 @@ from clients._common import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, SERVICE_NAME, Rer
 from clients.python_client import RerankerClient
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m clients.python_client") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS (with --client-key)")
     common.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
 
-    p = argparse.ArgumentParser(prog="python -m clients.python_client", description="Call the reranking service.")
+    p = argparse.ArgumentParser(prog=prog, description="Call the reranking service.")
     sub = p.add_subparsers(dest="command", required=True)
     rerank = sub.add_parser("rerank", parents=[common], help="rank candidates for a query; prints JSON")
     rerank.add_argument("--query", required=True)
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncate",
         help="a passage too long for one pair: truncate it (%(default)s), score its best window, or keep its end",
     )
+    rerank.add_argument("--instruction", default="", help="task instruction (Qwen3-Reranker, LLM rerankers)")
+    rerank.add_argument("--query-max-length", type=int, help="tokens of the query per pair")
     health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default=SERVICE_NAME, help="service to check (%(default)s; '' = server)")
     info = sub.add_parser("info", parents=[common], help="model, device, dtype, revision and request limits")
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 max_length=args.max_length,
                 model=args.model,
                 long_documents=args.long_documents,
+                instruction=args.instruction,
+                query_max_length=args.query_max_length,
             )
             _print(asdict(result))
             return 0
@@ -86,8 +90,8 @@ def _print(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m clients.python_client") -> None:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         code = run(args)

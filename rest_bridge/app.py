@@ -6,14 +6,17 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from swagger_ui_bundle import swagger_ui_path
 
 from rest_bridge import handlers
 from rest_bridge.config import BridgeConfig
 from rest_bridge.drain import DRAIN_KEY, Drain
 from rest_bridge.errors import CONFIG_KEY, error_middleware
-from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
-from rest_bridge.openapi import OPENAPI
+from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, guard_routes, server_header, ssl_context
+from rest_bridge.metrics import RestMetrics
+from rest_bridge.openapi import document
+from rest_bridge.routes import add_routes
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +41,25 @@ async def docs(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    return web.json_response(document(await request.app[handlers.UPSTREAM_KEY].described_models()))
 
 
 async def root(request: web.Request) -> web.Response:
     raise web.HTTPFound("/docs")
 
 
-def create_app(config: BridgeConfig) -> web.Application:
-    """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
-    drain = Drain()  # first: a draining bridge refuses before it reads a body
-    middlewares = [drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
+METRICS_KEY = web.AppKey("metrics", RestMetrics)
+
+
+def create_app(config: BridgeConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    """The bridge app; its gRPC channel opens on startup and closes on cleanup. Metrics go into `registry`."""
+    metrics = RestMetrics(registry or CollectorRegistry())  # outermost: it counts the drain's refusals too
+    drain = Drain()  # then the drain: a draining bridge refuses before it reads a body
+    middlewares = [metrics.middleware, drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[DRAIN_KEY] = drain
+    app[METRICS_KEY] = metrics
 
     async def upstream(app: web.Application) -> AsyncIterator[None]:
         app[handlers.UPSTREAM_KEY] = handlers.Upstream(config)
@@ -60,10 +68,7 @@ def create_app(config: BridgeConfig) -> web.Application:
 
     app.cleanup_ctx.append(upstream)
     app.router.add_post("/bge-reranker-base/post", handlers.legacy_post, name="legacy_post")
-    app.router.add_post("/rerank", handlers.rerank)  # legacy 2, TEI and Infinity
-    app.router.add_post("/reank", handlers.rerank)  # the spelling legacy 2's README documents
-    app.router.add_post("/v1/rerank", handlers.v1_rerank)
-    app.router.add_post("/v2/rerank", handlers.v2_rerank)
+    add_routes(app.router)  # every rerank and score dialect (rest_bridge/routes.py)
     app.router.add_get("/info", handlers.info)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/models", handlers.models)  # Infinity's path
@@ -72,13 +77,17 @@ def create_app(config: BridgeConfig) -> web.Application:
     app.router.add_get("/docs", docs)
     app.router.add_static("/docs/static", swagger_ui_path)
     app.router.add_get("/openapi.json", openapi)
+    guard_routes(app)
+    app.on_response_prepare.append(server_header)
     return app
 
 
-async def start_bridge(config: BridgeConfig, shutdown_timeout: float = 10.0) -> tuple[web.AppRunner, int]:
+async def start_bridge(
+    config: BridgeConfig, shutdown_timeout: float = 10.0, registry: CollectorRegistry | None = None
+) -> tuple[web.AppRunner, int]:
     """Serve the bridge on config.host:config.port; returns the runner (call `cleanup()`) and the bound port."""
     runner = web.AppRunner(
-        create_app(config),
+        create_app(config, registry),
         access_log=None,
         shutdown_timeout=shutdown_timeout,
         keepalive_timeout=config.header_timeout_s,  # closes a connection whose request headers are late (guard.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class BridgeConfig:
     log_level: str = "INFO"
     legacy1_model: str = ""  # the model legacy 1's route asks for; "" = the server's default
     legacy2_model: str = ""  # the model legacy 2's routes ask for; "" = the server's default
+    auto_truncate: bool = True  # TEI's --auto-truncate: a /rerank TEI body without `truncate` truncates
     # Slow and vanished clients (rest_bridge/guard.py).
     header_timeout_s: float = 10.0  # connect (or end of the last response) to complete request headers
     body_timeout_s: float = 30.0  # complete headers to the whole body
@@ -32,10 +33,14 @@ class BridgeConfig:
     grpc_cert: str = ""
     grpc_key: str = ""
     grpc_server_name: str = ""  # the name to verify in the server's certificate, when the target's differs
+    api_key: str = field(default="", repr=False)  # sent on the bridge's own calls (the docs page's model list)
+    metrics_port: int = 0  # Prometheus /metrics of the standalone bridge; 0 = off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 (0 turns metrics off), got {self.metrics_port}")
         positive = (
             "deadline_s",
             "max_body_bytes",
@@ -74,6 +79,7 @@ ENV_NAMES = {
     "log_level": "RERANKER_LOG_LEVEL",
     "legacy1_model": "RERANKER_LEGACY1_MODEL",
     "legacy2_model": "RERANKER_LEGACY2_MODEL",
+    "auto_truncate": "RERANKER_REST_AUTO_TRUNCATE",
     "header_timeout_s": "RERANKER_REST_HEADER_TIMEOUT_S",
     "body_timeout_s": "RERANKER_REST_BODY_TIMEOUT_S",
     "max_connections": "RERANKER_REST_MAX_CONNECTIONS",
@@ -84,6 +90,8 @@ ENV_NAMES = {
     "grpc_cert": "RERANKER_GRPC_CERT",
     "grpc_key": "RERANKER_GRPC_KEY",
     "grpc_server_name": "RERANKER_GRPC_SERVER_NAME",
+    "api_key": "RERANKER_API_KEY",
+    "metrics_port": "RERANKER_BRIDGE_METRICS_PORT",
 }
 
 HELP = {
@@ -96,6 +104,7 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING, ERROR",
     "legacy1_model": "model that scores POST /bge-reranker-base/post; empty = the server's default",
     "legacy2_model": "model that scores legacy 2's POST /rerank {query, compare_to}; empty = the server's default",
+    "auto_truncate": "true/false: what a TEI /rerank body without truncate does: truncate, or refuse an over-long text",
     "header_timeout_s": "seconds from connecting (or the last response) to complete request headers",
     "body_timeout_s": "seconds to receive the whole request body once the headers are in; then 408",
     "max_connections": "open connections; past it new ones get 503 at once",
@@ -106,7 +115,19 @@ HELP = {
     "grpc_cert": "PEM client certificate for mutual TLS to --grpc-target (with --grpc-key)",
     "grpc_key": "PEM private key of --grpc-cert",
     "grpc_server_name": "name to verify in the gRPC server's certificate when it differs from the target's",
+    "api_key": "the server's API key, sent only on the bridge's own calls (the model list on /docs); callers send "
+    "their own Authorization header",
+    "metrics_port": "serve Prometheus /metrics (reranker_rest_*) on this port; 0 = off",
 }
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean: use 1/true/yes/on or 0/false/no/off")
 
 
 def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> BridgeConfig:
@@ -117,7 +138,7 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         description="REST bridge to the gRPC reranking service (legacy, TEI, Infinity and Cohere endpoints, /docs).",
     )
     for f in fields(BridgeConfig):
-        kind = type(f.default)
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
         raw = env.get(ENV_NAMES[f.name], "")
         try:
             default = kind(raw) if raw else f.default

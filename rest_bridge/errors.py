@@ -27,12 +27,20 @@ HTTP_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 UNAVAILABLE_MESSAGE = "the reranking server cannot be reached or is not ready; retry shortly"
+# gRPC's own words speak of metadata; over HTTP the key travels in a header, on every route and dialect.
+UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 DEADLINE_SETTING = (
     "RERANKER_REST_DEADLINE_S: --deadline-s of python -m rest_bridge, --rest-deadline-s of python -m server"
 )
 
 TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
+ErrorShape = Callable[[int, str], tuple[int, dict[str, Any]]]  # (HTTP status, message) -> (status, JSON body)
+ERROR_SHAPE_KEY = web.RequestKey("error_shape", object)  # the dialect's own error shape, once the route or body says
 CONFIG_KEY = web.AppKey("bridge_config", BridgeConfig)
+# For the metrics: the dialect, once a handler knows it (POST /rerank: from the body), and the status an error had
+# where the answer says otherwise (legacy 1 answers a bad request with HTTP 200 and code -1).
+DIALECT_KEY = web.RequestKey("dialect", str)
+ERROR_STATUS_KEY = web.RequestKey("error_status", int)
 COHERE_PREFIXES = ("/v1/", "/v2/")  # Cohere's routes answer errors in Cohere's shape
 QUOTED = re.compile(r"(?<![A-Za-z])['\"]|['\"](?![A-Za-z])|\\")  # a quote that is not an apostrophe, a backslash
 
@@ -54,6 +62,8 @@ def error_status(exc: BaseException, config: BridgeConfig) -> tuple[int, str]:
         status = HTTP_BY_STATUS.get(code, 502)
         if code == grpc.StatusCode.UNAVAILABLE:
             return status, f"{UNAVAILABLE_MESSAGE} ({exc.details()})"
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return status, UNAUTHENTICATED_MESSAGE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return status, (
                 f"{code.name}: {exc.details()}; the bridge waits at most {config.deadline_s:g} s for the gRPC "
@@ -104,14 +114,25 @@ def payload_error(exc: RequestPayloadError) -> str:
     return "the request body is malformed (its chunked Transfer-Encoding or its length)"
 
 
+def generic_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": message, "status": status}
+
+
+def cohere_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"message": message}
+
+
 def error_body(request: web.Request, status: int, message: str) -> tuple[int, dict[str, Any]]:
+    shape = request.get(ERROR_SHAPE_KEY)
+    if callable(shape):
+        return shape(status, message)
     if request.match_info.route.name == "legacy_post":
         # The legacy envelope; HTTP 200 for what the original answered with 200, the real status otherwise.
         body = {"text_pairs": request.get(TEXT_PAIRS_KEY), "rerank_scores": [], "code": -1, "error": message}
         return (200 if status == 400 else status), body
     if request.path.startswith(COHERE_PREFIXES):
-        return status, {"message": message}
-    return status, {"error": message, "status": status}
+        return cohere_error(status, message)
+    return generic_error(status, message)
 
 
 @web.middleware
@@ -126,6 +147,7 @@ async def error_middleware(
         status, message = error_status(exc, request.app[CONFIG_KEY])
     except Exception as exc:
         status, message = error_status(exc, request.app[CONFIG_KEY])
+    request[ERROR_STATUS_KEY] = status
     status, body = error_body(request, status, message)
     response = web.json_response(body, status=status)
     if request.content.exception() is not None:  # the parser stopped inside the body: this connection is done

@@ -35,6 +35,7 @@ class BatchLimits:
     max_queue_pairs: int = 8192
     window: int = 1024  # oldest pending pairs considered when grouping by length (a max-size request fits)
     depth: int = 2  # batches launched and not yet collected; 2 keeps the next batch queued behind the running one
+    stuck_s: float = 120.0  # a batch launched longer ago than this and not done: the inference thread is stuck
 
 
 @dataclass
@@ -90,6 +91,11 @@ async def _whole(items: Sequence[Item]) -> AsyncIterator[Sequence[Item]]:
 
 
 Collect = Callable[[], list[float]]  # waits for a launched batch's scores
+Done = Callable[[], None]  # called once when a launched batch's scores are in, or it failed
+
+
+def _nothing() -> None:
+    pass
 
 
 def eager(forward: Callable[[Sequence[Item]], list[float]]) -> Callable[[Sequence[Item]], Collect]:
@@ -118,9 +124,11 @@ class Batcher(Generic[Item]):
         on_batch: Callable[[int, int, float], None] | None = None,
         collect_executor: Executor | None = None,
         group: Callable[[Item], Hashable] | None = None,
+        on_launch: Callable[[], Done] | None = None,
     ) -> None:
         self._launch = launch
         self._group = group  # items of different groups (e.g. other layers to score at) never share a batch
+        self._on_launch = on_launch  # the device's busy clock: a batch is in flight until its Done is called
         self._executor = executor
         self._collect_executor = collect_executor or executor
         self._collecting: set[asyncio.Task[None]] = set()
@@ -136,6 +144,7 @@ class Batcher(Generic[Item]):
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._newer_turn = False  # the last batch went to a newer request than the oldest (_anchor)
+        self._running: dict[int, float] = {}  # batches on the device: id -> when it was launched
         self.stats = BatchStats()
 
     @property
@@ -145,6 +154,20 @@ class Batcher(Generic[Item]):
     @property
     def queued_pairs(self) -> int:
         return len(self._pending)
+
+    def unavailable(self) -> str:
+        """Why this batcher cannot score now ("" when it can): its device loop ended, or a batch has been on the
+        inference thread past `stuck_s`."""
+        worker = self._worker
+        if worker is not None and worker.done() and not self._closed:
+            why = "cancelled" if worker.cancelled() else repr(worker.exception())
+            return f"its device loop stopped ({why})"
+        if self._running:
+            age = time.perf_counter() - min(self._running.values())
+            if age > self._limits.stuck_s:
+                bound = self._limits.stuck_s
+                return f"its inference thread has been on one batch for {age:.0f} s (the bound is {bound:.0f} s)"
+        return ""
 
     def start(self) -> None:
         if self._worker is None:
@@ -258,6 +281,7 @@ class Batcher(Generic[Item]):
                 task = asyncio.get_running_loop().create_task(self._collect(batch, collect, slots))
                 self._collecting.add(task)
                 task.add_done_callback(self._collecting.discard)
+                task.add_done_callback(lambda _, done=collect[2]: done())  # even if cancelled before it ran
 
     async def _next_batch(self) -> list[_Pending[Item]]:
         if self._pending:
@@ -325,28 +349,34 @@ class Batcher(Generic[Item]):
         self._newer_turn = False
         return 0
 
-    async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float] | None:
+    async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float, Done] | None:
         """Start the batch's forward pass; None if it failed (its callers have the error)."""
         start = time.perf_counter()
         for p in batch:
             if p.job.started is None:
                 p.job.started = start
+        self._running[id(batch)] = start  # until its scores are collected (_collect) or it failed
+        done = self._on_launch() if self._on_launch is not None else _nothing
         try:
             collect = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._launch, [p.item for p in batch]
             )
         except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
+            self._running.pop(id(batch), None)
+            done()
             self._fail(batch, RuntimeError("the server is shutting down"))
             raise
         except Exception as exc:  # a model error fails only the callers in this batch
+            self._running.pop(id(batch), None)
+            done()
             self._failed(batch, exc)
             return None
-        return collect, start
+        return collect, start, done
 
     async def _collect(
-        self, batch: list[_Pending[Item]], launched: tuple[Collect, float], slots: asyncio.Semaphore
+        self, batch: list[_Pending[Item]], launched: tuple[Collect, float, Done], slots: asyncio.Semaphore
     ) -> None:
-        collect, start = launched
+        collect, start, _ = launched
         try:
             scores = await asyncio.get_running_loop().run_in_executor(self._collect_executor, collect)
             if len(scores) != len(batch):
@@ -358,6 +388,7 @@ class Batcher(Generic[Item]):
             self._failed(batch, exc)
             return
         finally:
+            self._running.pop(id(batch), None)
             slots.release()
         elapsed = time.perf_counter() - start
         self.stats.batches += 1

@@ -17,6 +17,7 @@ import torch
 from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
+from server.chunking import Splitter
 from server.config import Config
 from server.engine.launch import Arrays, Collect, Launcher
 from server.engine.remote_code import remote_code_refusal
@@ -70,9 +71,10 @@ def pick_device(requested: str) -> str:
 
 def _offline_help(model: str) -> str:
     return (
-        f"To run offline, download the model once (e.g. `git clone https://huggingface.co/{model}` "
-        "with git-lfs, or `huggingface-cli download` on a connected machine) and start the server with "
-        "--model /path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
+        f"To run offline, download the model once on a connected machine (`hf download {model} --local-dir "
+        f"./models/{model.rsplit('/', 1)[-1]}`, the command huggingface-hub installs, or `git clone "
+        f"https://huggingface.co/{model}` with git-lfs) and start the server with --model "
+        "/path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
         "without any download, build a random-weight model (its scores mean nothing): "
         "`python -m tools.make_model ./models/tiny --shape tiny`, then `python -m server --model ./models/tiny`."
     )
@@ -281,7 +283,7 @@ class RerankerModel:
         self.dtype = "float16" if self.fp16 else "float32"
         self.max_length = config.max_length
         if not on_cuda:
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads)
         self.path = path = resolve_model_path(model)
         snapshot = Snapshot(path)
         self.revision = revision(path)
@@ -323,6 +325,10 @@ class RerankerModel:
     def refuse(self, o: Options) -> str | None:
         """Why this model cannot honour a request's options (None: it can)."""
         return refusal(self.name, self.family, o, self.options)
+
+    def splitter(self, o: Options, tokenizer: Any) -> Splitter:
+        """What cuts a request's long passages into windows that each fit with its query (long_documents=CHUNK)."""
+        return Splitter(self.flag, o.max_length or self.max_length, tokenizer, o.query_max_length)
 
     def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Encoded]:
         """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread; `options`: the
@@ -405,4 +411,4 @@ class RerankerModel:
         self.score([("warm up", "a short passage to warm up the model")])
         if pairs > 1:
             passage = " ".join(["a passage of many words to warm up the model"] * 16)
-            self.score([("warm up", passage)] * pairs, max_length=min(64, self.max_length))
+            self.score([("warm up", passage)] * pairs, min(64, self.max_length))
