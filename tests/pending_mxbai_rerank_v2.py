@@ -4,7 +4,7 @@ package scores it, through a real server and channel, alone and batched with oth
 To wire it once the LLM-family seam serves the family (see /work/notes/issue-22b.md for the recipe):
   1. pin `"mxbai-rerank==0.1.6"` in pyproject's test extra and `pip install mxbai-rerank==0.1.6` (it adds
      `batched==0.1.5` and nothing else: `pip install --dry-run` changes no pinned package);
-  2. set FAMILY below to the family's --model-type value (and GetModelInfo's `family`);
+  2. set MODEL_TYPE and FAMILY below to the family's --model-type value and GetModelInfo's `family`;
   3. rename this file to tests/test_mxbai_rerank_v2.py.
 """
 
@@ -28,7 +28,8 @@ from server.app import RerankServer
 from tests.conftest import test_config
 from tools.make_model import SENTENCES, build_mxbai_v2_model
 
-FAMILY = "mxbai-rerank-v2"  # the lead's name for the family: --model-type, GetModelInfo.family
+MODEL_TYPE = "mxbai-rerank-v2"  # the family's --model-type value
+FAMILY = "mxbai-rerank-v2"  # and its GetModelInfo.family
 ALONE_TOL = 1e-5  # fp32 on CPU: the package pads on the left without position ids, so rotary positions shift
 BATCH_TOL = 1e-4  # ... and batch-mates of other widths add float rounding
 LONG = " ".join(SENTENCES) * 12  # past max_length: cut as the package cuts it
@@ -69,7 +70,7 @@ def expected(oracle: Any, query: str, documents: list[str], instruction: str | N
 
 @pytest.fixture
 async def stub(model_dir: Path) -> AsyncIterator[pb_grpc.RerankerStub]:
-    srv = RerankServer(test_config(model_dir, model_type=FAMILY, max_wait_ms=50.0))
+    srv = RerankServer(test_config(model_dir, model_type=MODEL_TYPE, max_wait_ms=50.0))
     await srv.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
