@@ -71,8 +71,8 @@ def expected(oracle: Any, query: str, documents: list[str], instruction: str | N
 @pytest.fixture
 async def stub(model_dir: Path) -> AsyncIterator[pb_grpc.RerankerStub]:
     srv = RerankServer(test_config(model_dir, model_type=MODEL_TYPE, max_wait_ms=50.0))
-    await srv.start()
     try:
+        await srv.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             yield pb_grpc.RerankerStub(channel)
     finally:
