@@ -137,7 +137,7 @@ async def test_with_the_flag_its_code_scores_as_flag_reranker_and_cross_encoder_
         await srv.stop(0)
     pairs = [[QUERY, s] for s in SENTENCES]
     expected = FlagReranker(str(remote), devices=["cpu"], use_fp16=False, trust_remote_code=True).compute_score(pairs)
-    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert list(resp.scores) == pytest.approx(expected, abs=1e-5)  # float rounding: torch threads differ
     ce = CrossEncoder(str(remote), device="cpu", trust_remote_code=True)
     assert type(ce.model).__name__ == "TinyRemoteForSequenceClassification"
     # Pairs that round-trip through the tokenizer alike in both (all of these), raw logits as the config asks.
