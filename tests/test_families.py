@@ -328,3 +328,15 @@ async def test_qwen3_long_documents_chunk_scores_each_window_whole(
     ref = Qwen3Reference(paths["qwen3"], max_length=128)
     assert resp.usage.windows == len(windows)
     assert resp.scores[0] == pytest.approx(max(ref([(query, w)], instruction)[0] for w in windows), abs=ALONE)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_cpu_modes_of_cross_encoders_are_refused_by_decoder_only_families(paths: dict[str, Path], dtype: str) -> None:
+    from server.engine.precision import CPUINFO, native_bf16
+
+    if dtype == "bf16" and native_bf16(CPUINFO) is None:
+        pytest.skip("this CPU has no native bf16: --dtype bf16 is refused for every model here")
+    from server.engine.load import load_engine
+
+    with pytest.raises(ModelLoadError, match=rf"--dtype {dtype} for model 'qwen3': the decoder-only rerankers"):
+        load_engine(test_config(paths["qwen3"], dtype=dtype), str(paths["qwen3"]), "qwen3")

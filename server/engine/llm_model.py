@@ -42,6 +42,7 @@ from server.engine.model import (
     read_model_config,
     revision,
 )
+from server.engine.precision import PrecisionError, resolve
 from server.tokenize.exact import Instructions
 from server.tokenize.options import Options, refusal
 from server.tokenize.prompted import Prompted, PromptEncoder
@@ -258,11 +259,29 @@ class LLMRerankerModel:
         self.device = pick_device(config.device)
         self._cuda = on_cuda = self.device.startswith("cuda")
         self.fp16 = _use_fp16(config, kind, on_cuda)
+        self._check_dtype(config.dtype_of(self.name), kind)
         self.dtype = "float16" if self.fp16 else "float32"
         self.max_length = config.max_length
         if not on_cuda:
             torch.set_num_threads(config.torch_threads)
         return snapshot
+
+    def _check_dtype(self, requested: str, kind: str) -> None:
+        """--dtype for a decoder-only family: auto, fp32 (fp16 off, where the class allows it) or fp16 on CUDA; the
+        approximate CPU modes (bf16, int8) exist for cross-encoders only, so they are refused, never ignored."""
+        try:
+            resolved = resolve(requested, self.device, None if requested == "auto" else requested == "fp16")
+        except PrecisionError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if resolved in ("bf16", "int8"):
+            raise ModelLoadError(
+                f"--dtype {requested} for model {self.name!r}: the decoder-only rerankers ({kind}) run fp32 on CPU and "
+                "fp16 on CUDA here; bf16 and int8 are cross-encoder modes"
+            )
+        if requested == "fp32" and kind in ("llm", "qwen3-reranker"):
+            self.fp16 = False
+        elif requested == "fp16":
+            self.fp16 = self._cuda
 
     def refuse(self, o: Options) -> str | None:
         """Why this model cannot honour a request's options (None: it can); see server.tokenize.options."""
