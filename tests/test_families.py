@@ -339,4 +339,5 @@ def test_cpu_modes_of_cross_encoders_are_refused_by_decoder_only_families(paths:
     from server.engine.load import load_engine
 
     with pytest.raises(ModelLoadError, match=rf"--dtype {dtype} for model 'qwen3': the decoder-only rerankers"):
-        load_engine(test_config(paths["qwen3"], dtype=dtype), str(paths["qwen3"]), "qwen3")
+        config = test_config(paths["qwen3"], model=f"qwen3={paths['qwen3']}", dtype=dtype)
+        load_engine(config, str(paths["qwen3"]), "qwen3")
