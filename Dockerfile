@@ -15,7 +15,8 @@ RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 COPY . .
-RUN pip install /src
+# With the tracing extra: OTEL_TRACES_EXPORTER and the other OTEL_* variables turn traces on in the image as it is.
+RUN pip install "/src[tracing]"
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \

@@ -14,6 +14,7 @@ from rest_bridge.drain import DRAIN_KEY, Drain
 from rest_bridge.errors import CONFIG_KEY, error_middleware
 from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
 from rest_bridge.openapi import OPENAPI
+from server import tracing
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ def create_app(config: BridgeConfig) -> web.Application:
     """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
     drain = Drain()  # first: a draining bridge refuses before it reads a body
     middlewares = [drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
+    if tracing.on():  # outermost: a refused or failed request has its span too
+        from rest_bridge.tracing import trace_middleware
+
+        middlewares.insert(0, trace_middleware)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[DRAIN_KEY] = drain

@@ -18,6 +18,7 @@ from rest_bridge.config import BridgeConfig
 from rest_bridge.dialects import COHERE_V1, COHERE_V2, Dialect, rerank_dialect
 from rest_bridge.errors import TEXT_PAIRS_KEY, BadRequest
 from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
+from rest_bridge.tracing import trace_metadata
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
@@ -90,7 +91,7 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
             if not value.isascii() or not value.isprintable():
                 raise BadRequest(f"the {name} header must be printable ASCII")
             metadata.append((name, value))
-    return metadata
+    return metadata + trace_metadata(request)  # the caller's trace continues on the server
 
 
 async def _rerank(request: web.Request, req: pb.RerankRequest, model: str) -> pb.RerankResponse:

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from server import tracing
 from server.app import RerankServer
 from server.config import Config, ConfigError, load_config
 from server.logs import setup_logging
@@ -40,6 +41,7 @@ async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
         tls_cert=config.tls_cert,
         tls_key=config.tls_key,
         tls_client_ca=config.tls_client_ca,
+        tracing=config.tracing,
     )
     runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
     return runner
@@ -99,6 +101,12 @@ async def serve(config: Config) -> int:
 def main() -> None:
     config = load_config()
     setup_logging(config.log_level, config.log_json)
+    if config.tracing:
+        try:
+            tracing.setup()  # the OpenTelemetry SDK, from the OTEL_* variables
+        except tracing.TracingError as exc:
+            log.error("cannot start: %s", exc)
+            sys.exit(1)
     sys.exit(asyncio.run(serve(config)))
 
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 
+from server.tracing import wanted as tracing_wanted
+
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
@@ -85,6 +87,8 @@ class Config:
     rest_header_timeout_s: float = 10.0  # REST: connect (or the last response) to complete request headers
     rest_body_timeout_s: float = 30.0  # REST: complete headers to the whole body, else 408
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
+    # OpenTelemetry traces: on when OTEL_TRACES_EXPORTER names an exporter (server/tracing.py); no flag of its own.
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         names = [n for n, _ in parse_models(self.model)]
@@ -206,6 +210,8 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
     """Config defaults overridden by RERANKER_<FIELD> variables, converted to each field's type."""
     values: dict[str, object] = {}
     for f in fields(Config):
+        if f.name == "tracing":  # read from the OTEL_* variables by load_config
+            continue
         raw = env.get(_env_name(f.name))
         if f.name == "model" and env.get("RERANKER_MODELS"):
             raw = env["RERANKER_MODELS"]  # the list form wins over the single model
@@ -419,7 +425,9 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     """Parse flags (falling back to RERANKER_* variables) into a Config."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    args.model = ",".join(args.model) if args.model else _env_defaults(os.environ if env is None else env)["model"]
+    env = os.environ if env is None else env
+    args.model = ",".join(args.model) if args.model else _env_defaults(env)["model"]
+    args.tracing = tracing_wanted(env)
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:

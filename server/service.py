@@ -13,7 +13,7 @@ import grpc
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
-from server import __version__
+from server import __version__, tracing
 from server.admission import Admission
 from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
@@ -68,7 +68,8 @@ class Scoring:
             splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
             return split_passages(splitter, pairs, plan)
 
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split)
+        split_traced = tracing.on_thread("split", split, {"reranker.pairs": len(pairs)})
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split_traced)
 
     async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
         """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
@@ -82,7 +83,8 @@ class Scoring:
         def more() -> None:
             cut = next(cuts, None)
             if cut is not None:
-                running.append(loop.run_in_executor(t.executor, t.encode, pairs[cut], max_length))
+                encode = tracing.on_thread("tokenize", t.encode, {"reranker.pairs": cut.stop - cut.start})
+                running.append(loop.run_in_executor(t.executor, encode, pairs[cut], max_length))
 
         for _ in range(t.parallel + 1):  # one queued behind those running: the threads never wait for the loop
             more()
@@ -258,6 +260,7 @@ class RerankerService(pb_grpc.RerankerServicer):
             pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
+        tracing.batched(result, name, scoring.engine.device, len(documents))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
@@ -269,7 +272,8 @@ class RerankerService(pb_grpc.RerankerServicer):
             inference_ms=result.inference_s * 1e3,
         )
         scores = result.scores if windows is None else windows.best(result.scores, len(documents))
-        return build_response(req, documents, scores, name, usage)
+        with tracing.span("response"):
+            return build_response(req, documents, scores, name, usage)
 
     async def _model_info(self, name: str) -> pb.GetModelInfoResponse:
         name, scoring = self._ready(name)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from server import tracing
 from server.errors import WorkerDied
 from server.tokenize.packed import unpack
 
@@ -128,6 +129,7 @@ class TokenizerWorkers:
     def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]:
         """The pairs tokenized by a free worker (waiting for one), as views into its packed arrays."""
         w = self._take()
+        tracing.worker_taken(w.pid)
         try:
             w.conn.send((list(pairs), max_length))
             status, value = w.conn.recv()
