@@ -79,9 +79,7 @@ def start_bridge(tmp_path: Path, exporter: str) -> tuple[subprocess.Popen[bytes]
     return proc, out, err
 
 
-def test_the_standalone_bridge_prints_its_spans_with_the_console_exporter(
-    tmp_path: Path, no_otel_env: None
-) -> None:
+def test_the_standalone_bridge_prints_its_spans_with_the_console_exporter(tmp_path: Path, no_otel_env: None) -> None:
     proc, out, err = start_bridge(tmp_path, "console")
     try:
         line = wait_for_line(proc, err, "REST bridge on", timeout=60)
@@ -152,4 +150,3 @@ def test_off_nothing_imports_opentelemetry(model_dir: Path, no_otel_env: None) -
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "imported: []" in done.stdout and "installed: True" in done.stdout
-
