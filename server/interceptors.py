@@ -204,7 +204,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self.admission.touch()
             self._record(method, call, time.perf_counter() - start)
-            tracing.rpc_ended(traced, call.code, context.details() if traced else None, call.pairs, call.refused)
+            refused = call.refused or call.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            tracing.rpc_ended(traced, call.code, context.details() if traced else None, call.pairs, refused)
             try:
                 request_id.reset(token)
             except ValueError:  # a stream's generator closed from another context (grpc dropped it)
