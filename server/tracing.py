@@ -175,19 +175,31 @@ def on_thread(name: str, fn: Callable[..., T], attributes: dict[str, Any]) -> Ca
     submitted = time.time_ns()
 
     def run(*args: Any) -> T:
-        _slice.worker = None
+        _slice.worker, failed = None, None
         start = time.time_ns()
         try:
             return fn(*args)
+        except Exception as exc:  # the request's error (a worker died, a text it cannot tokenize): the span says so
+            failed = exc
+            raise
         finally:
             end = time.time_ns()
             attributes["reranker.thread_wait_ms"] = (start - submitted) / 1e6
             s = _tracer.start_span(name, context=parent, start_time=start, attributes=attributes)
             if _slice.worker is not None:
                 _worker_span(s, *_slice.worker, end)
+            if failed is not None:
+                _failed(s, failed)
             s.end(end_time=end)
 
     return run
+
+
+def _failed(s: Any, exc: Exception) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    s.record_exception(exc)
+    s.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 def _worker_span(parent: Any, pid: int, taken: int, end: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,19 @@ def test_the_configs_record_whether_otel_traces_exporter_asks_for_traces(env: di
     assert tracing.wanted(env) is on
     assert load_config(["--model", "m"], env=env).tracing is on
     assert load_bridge_config([], env=env).tracing is on
+
+
+def test_a_slice_that_fails_on_its_thread_leaves_an_error_span(spans: InMemorySpanExporter) -> None:
+    def die(pairs: list[tuple[str, str]]) -> list[Any]:
+        tracing.worker_taken(4242)
+        raise RuntimeError("the tokenizer worker (pid 4242) died while tokenizing this request")
+
+    with CALLER.start_as_current_span("caller") as caller:
+        encode = tracing.on_thread("tokenize", die, {"reranker.pairs": 1})
+    with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="died"):
+        pool.submit(encode, [("q", "p")]).result()
+    (tokenize,) = named(list(spans.get_finished_spans()), "tokenize")
+    assert tokenize.parent is not None and tokenize.parent.span_id == caller.get_span_context().span_id
+    assert tokenize.status.status_code == StatusCode.ERROR and "died" in (tokenize.status.description or "")
+    (worker,) = named(list(spans.get_finished_spans()), "tokenizer worker")
+    assert worker.attributes["reranker.worker.pid"] == 4242
