@@ -183,7 +183,12 @@ class RerankServer:
         limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
         # Each model's worker awaits its launch before queuing another, so models alternate on the one thread.
         batcher: Batcher[Any] = Batcher(
-            engine.launch, self._infer_pool, limits, on_batch=self.metrics.on_batch, collect_executor=self._collect_pool
+            engine.launch,
+            self._infer_pool,
+            limits,
+            on_batch=self.metrics.on_batch,
+            collect_executor=self._collect_pool,
+            group=_forward_settings,
         )
         batcher.start()
         return Scoring(engine, batcher, tokenizing, b, shapes)
@@ -260,3 +265,9 @@ class RerankServer:
         self._collect_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()
         self._local.remove()
+
+
+def _forward_settings(item: Any) -> Any:
+    """A tokenized pair's forward-pass settings (server.tokenize.prompted.Prompted.forward): pairs whose settings
+    differ share no batch."""
+    return getattr(item, "forward", None)

@@ -13,7 +13,7 @@ from server.tracing import wanted as tracing_wanted
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise")
+MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise", "lightweight", "qwen3-reranker")
 
 
 class ConfigError(ValueError):
@@ -78,7 +78,7 @@ class Config:
     legacy1_model: str = ""  # the in-process bridge: model of legacy 1's route ("" = the default model)
     legacy2_model: str = ""  # the in-process bridge: model of legacy 2's routes ("" = the default model)
     rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
-    model_type: str = "auto"  # auto: from config.json; cross-encoder, llm (FlagLLMReranker), layerwise
+    model_type: str = "auto"  # auto: the family known for certain (README: families), else refused; or a MODEL_TYPES
     cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
     # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
     handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
@@ -368,8 +368,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--model-type",
         choices=MODEL_TYPES,
         default=d["model_type"],
-        help="auto reads config.json: cross-encoder (*ForSequenceClassification), llm (decoder-only *ForCausalLM, "
-        "FlagLLMReranker), layerwise (MiniCPM layer-wise, LayerWiseFlagLLMReranker) (%(default)s)",
+        help="the reranker family whose recipe scores the model: cross-encoder (FlagReranker), llm (FlagLLMReranker, "
+        "e.g. bge-reranker-v2-gemma), layerwise (LayerWiseFlagLLMReranker), lightweight "
+        "(LightWeightFlagLLMReranker), qwen3-reranker (Qwen3-Reranker's chat template and yes/no head); auto serves "
+        "only a family it recognises for certain (README: the families table) (%(default)s)",
     )
     p.add_argument(
         "--cutoff-layer",

@@ -22,6 +22,7 @@ from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
 from server.interceptors import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
 from server.stream import answer_stream
+from server.tokenize.options import Options
 from server.tokenize.tokenizing import Tokenizing
 
 
@@ -38,7 +39,12 @@ class Engine(Protocol):
     flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
     encoder: Any  # its tokenizing alone (server.tokenize), which a worker process can run without the weights
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
+    family: str  # whose recipe scores it (README: the families table)
+    default_instruction: str  # the instruction a request without one gets; "" where the family takes none
+
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Any]: ...
+
+    def refuse(self, options: Options) -> str | None: ...
 
     def thread_tokenizer(self) -> Any: ...
 
@@ -71,7 +77,7 @@ class Scoring:
         split_traced = tracing.on_thread("split", split, {"reranker.pairs": len(pairs)})
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split_traced)
 
-    async def encode(self, pairs: list[tuple[str, str]], max_length: int | None) -> AsyncIterator[list[Any]]:
+    async def encode(self, pairs: list[tuple[str, str]], options: Options) -> AsyncIterator[list[Any]]:
         """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
         order as soon as it is done, so the batcher starts on the first while the rest are tokenized. A request has
         at most one slice per thread and one more queued at a time, so another caller's slice waits for about two
@@ -84,7 +90,7 @@ class Scoring:
             cut = next(cuts, None)
             if cut is not None:
                 encode = tracing.on_thread("tokenize", t.encode, {"reranker.pairs": cut.stop - cut.start})
-                running.append(loop.run_in_executor(t.executor, encode, pairs[cut], max_length))
+                running.append(loop.run_in_executor(t.executor, encode, pairs[cut], options))
 
         for _ in range(t.parallel + 1):  # one queued behind those running: the threads never wait for the loop
             more()
@@ -152,6 +158,13 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
         raise InvalidRequest(f"{count} candidates/pairs; the limit is {config.max_candidates} per request")
     if req.max_length > config.max_length:
         raise InvalidRequest(f"max_length {req.max_length} is above the server's limit of {config.max_length} tokens")
+    if req.query_max_length > (req.max_length or config.max_length):
+        raise InvalidRequest(
+            f"query_max_length {req.query_max_length} is above the pair's max_length of "
+            f"{req.max_length or config.max_length} tokens"
+        )
+    if req.instruction:
+        _check_text(req.instruction, "instruction", config.max_text_chars)
     if req.pairs:
         for i, p in enumerate(req.pairs):
             _check_text(p.query, f"pairs[{i}].query", config.max_text_chars)
@@ -161,6 +174,22 @@ def request_pairs(req: pb.RerankRequest, config: Config) -> tuple[list[tuple[str
     for i, c in enumerate(req.candidates):
         _check_text(c, f"candidates[{i}]", config.max_text_chars)
     return [(req.query, c) for c in req.candidates], list(req.candidates)
+
+
+def request_options(req: pb.RerankRequest, engine: Engine) -> Options:
+    """The request's own model settings, or InvalidRequest naming what its model does not take and why."""
+    o = Options(
+        max_length=req.max_length,
+        query_max_length=req.query_max_length,
+        instruction=req.instruction,
+        cutoff_layers=tuple(req.cutoff_layers),
+        compress_ratio=req.compress_ratio,
+        compress_layers=tuple(req.compress_layers),
+    )
+    why = engine.refuse(o)
+    if why is not None:
+        raise InvalidRequest(why)
+    return o
 
 
 def window_plan(req: pb.RerankRequest, config: Config) -> WindowPlan | None:
@@ -254,12 +283,13 @@ class RerankerService(pb_grpc.RerankerServicer):
         pairs, documents = request_pairs(req, self.config)
         plan = window_plan(req, self.config)
         name, scoring = self._ready(req.model)
+        options = request_options(req, scoring.engine)
         windows = None
         if plan is not None:  # cut on the tokenizing thread; the windows' count is known only after
             windows = await scoring.split(pairs, plan, req.max_length or scoring.engine.max_length)
             pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
-        result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, req.max_length or None))
+        result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, options))
         tracing.batched(result, name, scoring.engine.device, len(documents))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
@@ -290,6 +320,8 @@ class RerankerService(pb_grpc.RerankerServicer):
             batch_size=scoring.batcher.limits.max_pairs,
             models=[n for n, _ in c.models],  # served: loaded, or still loading (then UNAVAILABLE)
             revision=engine.revision,
+            family=engine.family,
+            default_instruction=engine.default_instruction,
         )
 
 

@@ -22,7 +22,7 @@ PAIRS = [("what is panda?", s) for s in SENTENCES[:5]] + [("hi", "the giant pand
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = build_llm_model(tmp_path_factory.mktemp("qwen2"), arch="qwen2")
+    path = build_llm_model(tmp_path_factory.mktemp("bge-reranker-qwen2"), arch="qwen2")
     return load_engine(test_config(path), str(path), "qwen2")
 
 

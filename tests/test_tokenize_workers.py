@@ -165,7 +165,7 @@ def test_an_llm_rerankers_inputs_through_a_worker_equal_its_own(tmp_path_factory
     from server.engine.load import load_engine
     from tools.make_model import build_llm_model
 
-    path = build_llm_model(tmp_path_factory.mktemp("gemma"), arch="gemma")
+    path = build_llm_model(tmp_path_factory.mktemp("bge-reranker-gemma"), arch="gemma")
     llm = load_engine(test_config(path), str(path), "gemma")
     pairs = [("what is panda?", s) for s in SENTENCES] + [("q " * 200, "p " * 600)]
     workers = TokenizerWorkers(llm.encoder, 1)

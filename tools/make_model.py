@@ -2,7 +2,9 @@
 
 Tests and benchmarks run offline, so they make their own model instead of downloading one:
 `python -m tools.make_model DIR --shape tiny|base` (an XLM-RoBERTa cross-encoder like bge-reranker), or
-`--kind gemma|qwen2|layerwise` for a tiny decoder-only reranker (FlagLLMReranker, LayerWiseFlagLLMReranker), or
+`--kind gemma|qwen2|layerwise|lightweight` for a tiny decoder-only reranker (FlagLLMReranker,
+LayerWiseFlagLLMReranker, LightWeightFlagLLMReranker),
+`--kind qwen3-reranker` for a tiny Qwen3 causal LM with a tokenizer like Qwen3-Reranker's, or
 `--kind bert` for a tiny BERT cross-encoder with a WordPiece tokenizer and token type ids (like ms-marco-MiniLM).
 """
 
@@ -209,6 +211,85 @@ def build_llm_model(directory: str | Path, seed: int = 0, arch: str = "gemma") -
     return _save(directory, model_class, config, tokenizer, seed)
 
 
+QWEN3_TEXTS = [  # Qwen3-Reranker's template (server/tokenize/chat.py), so that its words are tokens
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".',
+    "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n<Query>: \n<Document>: ",
+    "yes no yes no",
+]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]  # special, as in Qwen's tokenizer
+THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3's
+
+
+def build_qwen3_reranker(directory: str | Path, seed: int = 0, vocab_size: int = 500) -> Path:
+    """A tiny Qwen3 causal LM with a tokenizer like Qwen3-Reranker's: byte-level BPE, no bos, left padding, the chat
+    tokens, and "yes" and "no" as single tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((SENTENCES + LLM_TEXTS + QWEN3_TEXTS * 8) * 4, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=2048,
+    )
+    for word in ("yes", "no"):
+        if tok.token_to_id(word) is None:
+            raise RuntimeError(f"the tiny Qwen3 tokenizer did not learn {word!r} as a token")
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=LLM_INIT,
+        tie_word_embeddings=False,
+        **LLM_SHAPE,
+    )
+    return _save(directory, Qwen3ForCausalLM, config, tokenizer, seed)
+
+
+def build_lightweight_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny CostWiseGemma (6 layers, scoring heads from layer 2) like bge-reranker-v2.5-gemma2-lightweight."""
+    from FlagEmbedding.inference.reranker.decoder_only.models.gemma_config import CostWiseGemmaConfig
+    from FlagEmbedding.inference.reranker.decoder_only.models.gemma_model import CostWiseGemmaForCausalLM
+
+    from server.engine.lightweight import lightweight_compat
+
+    tokenizer = build_causal_tokenizer(bos=True, padding_side="right")
+    with lightweight_compat():  # the model's code predates transformers 5
+        config = CostWiseGemmaConfig(
+            vocab_size=len(tokenizer),
+            num_hidden_layers=6,
+            start_layer=2,
+            layer_sep=1,
+            layer_wise=True,
+            head_dim=16,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            initializer_range=LLM_INIT,
+            architectures=["CostWiseGemmaForCausalLM"],
+            **LLM_SHAPE,
+        )
+        out = _save(directory, CostWiseGemmaForCausalLM, config, tokenizer, seed)
+    return out
+
+
 def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
     """A tiny MiniCPM layer-wise reranker (4 layers, heads from layer 2) like bge-reranker-v2-minicpm-layerwise."""
     import torch
@@ -257,7 +338,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="the cross-encoder's size")
-    kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise")
+    kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise", "lightweight", "qwen3-reranker")
     parser.add_argument("--kind", choices=kinds, default="cross-encoder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -267,6 +348,10 @@ def main() -> None:
         print(build_bert_model(args.directory, args.seed))
     elif args.kind == "layerwise":
         print(build_layerwise_model(args.directory, args.seed))
+    elif args.kind == "lightweight":
+        print(build_lightweight_model(args.directory, args.seed))
+    elif args.kind == "qwen3-reranker":
+        print(build_qwen3_reranker(args.directory, args.seed))
     else:
         print(build_llm_model(args.directory, args.seed, args.kind))
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -133,8 +133,10 @@ class Batcher(Generic[Item]):
         length: Callable[[Item], int] = len,  # type: ignore[assignment]
         on_batch: Callable[[int, int, float], None] | None = None,
         collect_executor: Executor | None = None,
+        group: Callable[[Item], Hashable] | None = None,
     ) -> None:
         self._launch = launch
+        self._group = group  # items of different groups (e.g. other layers to score at) never share a batch
         self._executor = executor
         self._collect_executor = collect_executor or executor
         self._collecting: set[asyncio.Task[None]] = set()
@@ -306,8 +308,12 @@ class Batcher(Generic[Item]):
             return []
         start = self._anchor(live)
         anchor = live[start]
+        window = live[start:]
+        if self._group is not None:
+            key = self._group(anchor.item)
+            window = [p for p in window if self._group(p.item) == key]
         batch: list[_Pending[Item]] = []
-        for p in sorted(live[start : start + self._limits.window], key=lambda p: -p.length):
+        for p in sorted(window[: self._limits.window], key=lambda p: -p.length):
             # Longest first, so a batch's first pair sets the padded length of the whole batch.
             if batch and (
                 len(batch) >= self._limits.max_pairs or batch[0].length * (len(batch) + 1) > self._limits.max_tokens

@@ -94,17 +94,18 @@ class Launcher:
             inputs["attention_mask"] = expand_mask(inputs["attention_mask"], self.causal, self.impl, self.dtype)
         return self.forward(inputs)
 
-    def launch(self, arrays: Arrays, rows: int) -> Collect:
+    def launch(self, arrays: Arrays, rows: int, captured: bool = True) -> Collect:
         """Queue the forward pass of a padded batch whose first `rows` rows are real; returns a function that waits
         for their scores. On CUDA nothing here waits for the device: inputs go through pinned memory, the scores
-        come back the same way, so the next batch is queued behind this one. On CPU the pass runs here."""
+        come back the same way, so the next batch is queued behind this one. On CPU the pass runs here. `captured`
+        false: a forward that differs from the one captured (another layer to score at), run eagerly."""
         # Without padding no mask is needed; with buckets (CUDA) always one, so that a shape has one kernel path.
         masked = self.buckets is not None or not arrays["attention_mask"].all()
         with torch.inference_mode():
             if not self.cuda:
                 scores = self.run({k: torch.from_numpy(a) for k, a in arrays.items()}, masked)[:rows].tolist()
                 return lambda: scores
-            graph = self.graphs.get(next(iter(arrays.values())).shape)
+            graph = self.graphs.get(next(iter(arrays.values())).shape) if captured else None
             if graph is not None:
                 scores = graph.replay(arrays)
             else:

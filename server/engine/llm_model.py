@@ -44,6 +44,7 @@ from server.engine.model import (
     revision,
 )
 from server.tokenize.exact import Instructions
+from server.tokenize.options import Options, refusal
 from server.tokenize.prompted import Prompted, PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,12 @@ PAD_MULTIPLE = 8  # the Collater's pad_to_multiple_of
 _COMPAT_LOCK = threading.Lock()  # layerwise_compat patches classes: one load at a time
 
 
-def model_kind(path: str, override: str = "auto") -> str:
-    """cross-encoder, llm or layerwise: `override` unless it is auto, else from the model's config.json."""
+QWEN3_TOKENS = ("yes", "no", "<|im_start|>", "<|im_end|>", "<think>", "</think>")  # Qwen3-Reranker's recipe reads
+
+
+def model_kind(path: str, override: str = "auto", name: str = "") -> str:
+    """The family whose recipe scores the model: `override` unless it is auto, else what the config, the tokenizer
+    and the model's name (`name`: the --model given, a hub id or a directory) tell for certain; never a guess."""
     if override != "auto":
         if override not in MODEL_TYPES:
             raise ModelLoadError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {override!r}")
@@ -69,7 +74,37 @@ def model_kind(path: str, override: str = "auto") -> str:
     kind = config_kind(cfg)
     if kind is None:
         raise not_a_reranker(path, cfg)
+    if kind == "causal":
+        return _causal_family(path, cfg, f"{name} {path}".lower())
     return kind
+
+
+def _causal_family(path: str, cfg: dict[str, Any], names: str) -> str:
+    """A *ForCausalLM's family: Qwen3-Reranker (a Qwen3 LM with the template's tokens), a BAAI bge-reranker (by its
+    name), else refused with one line naming --model-type."""
+    archs = cfg.get("architectures") or []
+    if "Qwen3ForCausalLM" in archs and ("qwen3-reranker" in names or _has_tokens(path, QWEN3_TOKENS)):
+        return "qwen3-reranker"
+    if "bge-reranker" in names:  # BAAI/bge-reranker-v2-gemma and its fine-tunes, by name
+        return "llm"
+    raise ModelLoadError(
+        f"{path} is a causal LM (architectures={archs}) whose reranking recipe cannot be told for certain from its "
+        "config, tokenizer or name; scoring it with another family's prompt would give meaningless scores. Pass "
+        "--model-type llm (FlagLLMReranker: bge-reranker-v2-gemma's prompt and 'Yes' logit) or --model-type "
+        f"qwen3-reranker (Qwen3-Reranker's template, yes/no); all values: {', '.join(MODEL_TYPES)}"
+    )
+
+
+def _has_tokens(path: str, tokens: Sequence[str]) -> bool:
+    """True when the model's tokenizer has each of `tokens` as one token of its own."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # no tokenizer we can read: not the family we look for
+        return False
+    vocab = tok.get_vocab()
+    return all(t in vocab for t in tokens)
 
 
 def _hub_config(model: str) -> dict[str, Any]:
@@ -177,9 +212,44 @@ class LLMRerankerModel:
     copy_tokenizer = RerankerModel.copy_tokenizer
     encode = RerankerModel.encode
 
+    family = "bge-llm"
+    default_instruction = DEFAULT_PROMPT
+    options = frozenset({"instruction", "query_max_length"})  # what a request may set (server.tokenize.options)
+
     def __init__(self, config: Config, path: str, kind: str, name: str | None = None) -> None:
         if kind not in ("llm", "layerwise"):
             raise ValueError(f"kind must be llm or layerwise, got {kind!r}")
+        snapshot = self._begin(config, path, kind, name)
+        self.flag = self._load(config, path, kind)
+        self.tokenizer = self.flag.tokenizer
+        self.model = self.flag.model
+        self._check_limits(config, path)
+        self.parameters = place(self.model, self.device, self.fp16, snapshot)
+        tok = self.tokenizer
+        prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
+        self.default_instruction = prompt
+        bos, pad = tok.bos_token_id, tok.pad_token_id
+        # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
+        with_bos = kind == "layerwise" or (bos is not None and bos != pad)
+        layered = kind == "layerwise"
+        self.encoder = PromptEncoder(tok, Instructions.of(self.flag), config.max_length, prompt, with_bos, layered)
+        self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
+        enc = self.encoder
+        # the longest input: query and passage cut to max_length plus separators and prompt, twice (compute_score's)
+        self.max_width = config.max_length + 2 * (len(enc.sep) + len(enc.prompt)) + len(enc.bos)
+        self.launcher = Launcher(self.model, self.device, self._scores, causal=True, buckets=None)
+        if kind == "llm":
+            self._yes = self.flag.yes_loc
+            takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self._last_only = {"logits_to_keep": 1} if takes_keep else {}  # no vocabulary-wide logits per token
+        else:
+            self.family = "bge-layerwise"
+            self.options = self.options | {"cutoff_layers"}
+            self._cutoff = [config.cutoff_layer] if config.cutoff_layer else [self.model.config.num_hidden_layers]
+            self._layers = self._cutoff
+
+    def _begin(self, config: Config, path: str, kind: str, name: str | None) -> Snapshot:
+        """What every decoder-only family sets first: name, path, revision, device, dtype, threads."""
         self.name = name or config.default_model
         self.path = path
         snapshot = Snapshot(path)
@@ -192,28 +262,23 @@ class LLMRerankerModel:
         self.max_length = config.max_length
         if not on_cuda:
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        self.flag = self._load(config, path, kind)
-        self.tokenizer = self.flag.tokenizer
-        self.model = self.flag.model
-        self._check_limits(config, path)
-        self.parameters = place(self.model, self.device, self.fp16, snapshot)
-        tok = self.tokenizer
-        prompt = DEFAULT_PROMPT if self.flag.prompt is None else self.flag.prompt
-        bos, pad = tok.bos_token_id, tok.pad_token_id
-        # compute_score: the layer-wise class always starts with bos, the other one when bos is not the pad token.
-        with_bos = kind == "layerwise" or (bos is not None and bos != pad)
-        self.encoder = PromptEncoder(tok, Instructions.of(self.flag), config.max_length, prompt, with_bos)
-        self._pad_id = pad if pad is not None else 0  # padded positions are masked: any id will do
-        enc = self.encoder
-        # the longest input: query and passage cut to max_length plus separators and prompt, twice (compute_score's)
-        self.max_width = config.max_length + 2 * (len(enc.sep) + len(enc.prompt)) + len(enc.bos)
-        self.launcher = Launcher(self.model, self.device, self._scores, causal=True, buckets=None)
-        if kind == "llm":
-            self._yes = self.flag.yes_loc
-            takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-            self._last_only = {"logits_to_keep": 1} if takes_keep else {}  # no vocabulary-wide logits per token
-        else:
-            self._cutoff = [config.cutoff_layer] if config.cutoff_layer else [self.model.config.num_hidden_layers]
+        return snapshot
+
+    def refuse(self, o: Options) -> str | None:
+        """Why this model cannot honour a request's options (None: it can); see server.tokenize.options."""
+        why = refusal(self.name, self.family, o, self.options)
+        if why is None and o.cutoff_layers and self.kind == "layerwise":
+            return self._refuse_layers(o.cutoff_layers)
+        return why
+
+    def _refuse_layers(self, layers: tuple[int, ...]) -> str | None:
+        first, last = self.model.config.start_layer, self.model.config.num_hidden_layers
+        if len(layers) != 1 or not first <= layers[0] <= last:
+            return (
+                f"cutoff_layers {list(layers)}: model {self.name!r} scores with one layer's head, "
+                f"one of {first}..{last}"
+            )
+        return None
 
     def _load(self, config: Config, path: str, kind: str) -> FlagLLMReranker | LayerWiseFlagLLMReranker:
         if config.cutoff_layer and kind != "layerwise":
@@ -268,11 +333,17 @@ class LLMRerankerModel:
         if self.kind == "llm":
             logits = self.model(**inputs, use_cache=False, **self._last_only).logits
             return logits[:, -1, self._yes].float()
-        out = self.model(**inputs, use_cache=False, cutoff_layers=self._cutoff)
+        out = self.model(**inputs, use_cache=False, cutoff_layers=self._layers)
         return out.logits[0][:, -1].float()
 
     def launch(self, batch: Sequence[Prompted]) -> Collect:
-        """Start the forward pass of one batch; the returned function waits for its raw scores (see RerankerModel)."""
+        """Start the forward pass of one batch; the returned function waits for its raw scores (see RerankerModel).
+        Every pair of a batch has the same forward settings (the batcher groups by them): the first one's rule."""
         width = -(-max(len(e) for e in batch) // PAD_MULTIPLE) * PAD_MULTIPLE
         rows, width = self.launcher.shape(len(batch), width)
-        return self.launcher.launch(self._arrays(batch, rows, width), len(batch))
+        captured = True
+        if self.kind == "layerwise":
+            layers = batch[0].forward[0] if batch[0].forward else ()
+            self._layers = list(layers) or self._cutoff  # read by _scores on this (the device's) thread
+            captured = self._layers == self._cutoff  # CUDA graphs hold the default layer's forward only
+        return self.launcher.launch(self._arrays(batch, rows, width), len(batch), captured)

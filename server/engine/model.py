@@ -20,6 +20,7 @@ from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 from server.config import Config
 from server.engine.launch import Arrays, Collect, Launcher
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
+from server.tokenize.options import Options, refusal
 
 __all__ = ["Encoded", "TokenizerCopies"]  # their home is server.tokenize.exact; tests and tools import them here
 
@@ -205,27 +206,27 @@ def read_model_config(path: str) -> dict[str, Any] | None:
 
 
 def config_kind(cfg: dict[str, Any]) -> str | None:
-    """cross-encoder, llm or layerwise from a config.json's architectures; None when it is none of these."""
+    """From a config.json's architectures: cross-encoder, layerwise, lightweight, or causal (a *ForCausalLM whose
+    recipe the config alone cannot tell: server.engine.llm_model.model_kind looks further); None: no reranker."""
     archs = cfg.get("architectures") or []
     labels = cfg.get("num_labels") or len(cfg.get("id2label") or {0: ""})
     if any("LayerWise" in a for a in archs):  # BAAI/bge-reranker-v2-minicpm-layerwise
         return "layerwise"
+    if any("CostWise" in a for a in archs):  # BAAI/bge-reranker-v2.5-gemma2-lightweight
+        return "lightweight"
     if any(a.endswith("ForSequenceClassification") for a in archs) and labels == 1:
         return "cross-encoder"
-    if any(a.endswith("ForCausalLM") and "CostWise" not in a for a in archs):  # not the "lightweight" Gemma 2
-        return "llm"
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal"
     return None
 
 
 def not_a_reranker(path: str, cfg: dict[str, Any]) -> ModelLoadError:
     archs = cfg.get("architectures") or []
-    lightweight = any("CostWise" in a for a in archs)
-    note = " (FlagEmbedding's lightweight reranker is not supported)" if lightweight else ""
     return ModelLoadError(
-        f"{path} is not a reranker this server can serve (architectures={archs}){note}: expected a "
-        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, a decoder-only "
-        "*ForCausalLM one, such as BAAI/bge-reranker-v2-gemma, or LayerWiseMiniCPMForCausalLM "
-        "(BAAI/bge-reranker-v2-minicpm-layerwise); --model-type overrides the detection"
+        f"{path} is not a reranker this server can serve (architectures={archs}): expected a "
+        "*ForSequenceClassification model with one label, such as BAAI/bge-reranker-base, or a decoder-only reranker "
+        "(README: the families table); --model-type overrides the detection"
     )
 
 
@@ -238,8 +239,8 @@ def _check_is_cross_encoder(path: str) -> None:
         raise not_a_reranker(path, cfg)
     if kind != "cross-encoder":
         raise ModelLoadError(
-            f"{path} is a decoder-only reranker (architectures={cfg.get('architectures')}), not a cross-encoder: "
-            f"serve it with --model-type {kind} or auto"
+            f"{path} is a decoder-only model (architectures={cfg.get('architectures')}), not a cross-encoder: "
+            "serve it with --model-type auto or the --model-type of its family (README: the families table)"
         )
 
 
@@ -261,6 +262,10 @@ def _model_token_limit(flag: FlagReranker) -> int:
 
 class RerankerModel:
     """A FlagEmbedding reranker on one device. score() keeps FlagReranker's tokenization and scores."""
+
+    family = "cross-encoder"
+    default_instruction = ""  # a cross-encoder takes no instruction
+    options = frozenset({"query_max_length"})  # what a request may set (server.tokenize.options)
 
     def __init__(self, config: Config, model: str | None = None, name: str | None = None) -> None:
         """Load `model` (a hub id or directory; default: the config's default model) under `name`."""
@@ -311,9 +316,14 @@ class RerankerModel:
     def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, return_dict=True).logits.view(-1).float()
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
-        """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread."""
-        return self.encoder.encode(pairs, max_length)
+    def refuse(self, o: Options) -> str | None:
+        """Why this model cannot honour a request's options (None: it can)."""
+        return refusal(self.name, self.family, o, self.options)
+
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Encoded]:
+        """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread; `options`: the
+        request's (or a bare max_length)."""
+        return self.encoder.encode(pairs, options)
 
     def thread_tokenizer(self) -> Any:
         """This thread's own copy of the tokenizer (see TokenizerCopies)."""
@@ -357,9 +367,9 @@ class RerankerModel:
         """Raw logits for one padded batch, waiting for them."""
         return self.launch(batch)()
 
-    def score(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[float]:
+    def score(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[float]:
         """Raw logits for pairs, in input order, in one batch (for tools and tests)."""
-        return self.forward(self.encode(pairs, max_length))
+        return self.forward(self.encode(pairs, options))
 
     def batching(self, config: Config) -> Batching:
         """The flags' budgets where given (non-zero), else ones that fit this device."""

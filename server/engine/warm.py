@@ -20,7 +20,11 @@ _LONG = " ".join(["a passage of many words to warm up every width of the model"]
 def _cut(item: Any, n: int) -> Any:
     """`item` cut to its first `n` tokens (a warm-up input of a chosen length)."""
     if isinstance(item, Prompted):
-        return Prompted(list(item.input_ids[:n]))
+        spans = item.spans
+        if spans:  # the query and prompt counts must still fit in the cut input
+            query = min(spans[0], n)
+            spans = (query, min(spans[1], n - query))
+        return Prompted(list(item.input_ids[:n]), item.forward, spans)
     assert isinstance(item, Encoded)
     return Encoded(list(item.input_ids[:n]), {k: list(v[:n]) for k, v in item.extra.items()})
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.tokenize.flag_compat import detailed_instruct, prepare_for_model_compat
+from server.tokenize.options import Options
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,14 @@ class PairEncoder(ThreadTokenizers):
         pieces = {"token_type_ids": "type_ids", "attention_mask": "attention_mask"}
         self.extra_keys = {k: attr for k, attr in pieces.items() if k in names}
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Encoded]:
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Encoded]:
         """Tokenize pairs exactly as FlagReranker.compute_score does, in batched (GIL-free) tokenizer calls.
 
         compute_score truncates query (to 3/4 of max_length) and passage ids apart, and under transformers 5
         decodes both back to text and tokenizes the pair again (`prepare_for_model_compat`). Here each step is one
         batched call over all pairs, which gives the same ids as that per-pair path (tests/test_tokenize.py).
         """
-        max_length = max_length or self.max_length
-        query_max = self.instructions.query_max_length or max_length * 3 // 4
+        max_length, query_max = Options.of(options).limits(self.max_length, self.instructions.query_max_length)
         pairs = self.instructions.get_detailed_inputs([list(p) for p in pairs])
         tok = self.thread_tokenizer()
         if self.rust:

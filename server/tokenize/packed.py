@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,8 @@ class Packed:
     offsets: np.ndarray
     ids: np.ndarray
     extra: dict[str, np.ndarray]
+    forward: Hashable = ()  # Prompted items' forward-pass settings: one request's, the same for every pair
+    spans: np.ndarray | None = None  # Prompted items' (query, prompt) token counts, one row each, where they have them
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -36,7 +38,9 @@ def pack(items: Sequence[Encoded | Prompted]) -> Packed:
     prompted = bool(items) and isinstance(items[0], Prompted)
     keys = [] if prompted or not items else list(items[0].extra)  # type: ignore[union-attr]
     extra = {k: _flat([e.extra[k] for e in items], total) for k in keys}  # type: ignore[union-attr]
-    return Packed(prompted, offsets, _flat([e.input_ids for e in items], total), extra)
+    forward = items[0].forward if prompted else ()  # type: ignore[union-attr]
+    spans = np.array([e.spans for e in items], dtype=np.int32) if prompted and items[0].spans else None  # type: ignore[union-attr]
+    return Packed(prompted, offsets, _flat([e.input_ids for e in items], total), extra, forward, spans)
 
 
 def unpack(packed: Packed) -> list[Encoded] | list[Prompted]:
@@ -44,6 +48,7 @@ def unpack(packed: Packed) -> list[Encoded] | list[Prompted]:
     cuts = packed.offsets[1:-1]
     ids = np.split(packed.ids, cuts)
     if packed.prompted:
-        return [Prompted(i) for i in ids]
+        spans = [()] * len(ids) if packed.spans is None else [tuple(map(int, r)) for r in packed.spans]
+        return [Prompted(i, packed.forward, s) for i, s in zip(ids, spans, strict=True)]
     extra = {k: np.split(v, cuts) for k, v in packed.extra.items()}
     return [Encoded(row, {k: v[i] for k, v in extra.items()}) for i, row in enumerate(ids)]

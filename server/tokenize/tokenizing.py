@@ -19,7 +19,7 @@ class Encoder(Protocol):
 
     encoder: Any
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]: ...
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Any = None) -> list[Any]: ...
 
     def thread_tokenizer(self) -> Any: ...
 
@@ -54,11 +54,12 @@ class Tokenizing:
         """Slices tokenized at once."""
         return self.workers.count if self.workers else self.threads
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]:
-        """The pairs' inputs, exactly as compute_score builds them; call it on `executor`."""
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Any = None) -> list[Any]:
+        """The pairs' inputs, exactly as the model's recipe builds them (`options`: the request's, a
+        server.tokenize.options.Options); call it on `executor`."""
         if self.workers:
-            return self.workers.encode(pairs, max_length)
-        return self.model.encode(pairs, max_length)
+            return self.workers.encode(pairs, options)
+        return self.model.encode(pairs, options)
 
     def start(self) -> None:
         """Make the threads' tokenizer copies, or start the workers (bounded; WorkerStartError when they fail)."""

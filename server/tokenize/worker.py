@@ -1,7 +1,7 @@
 """A tokenizer worker process: `python -m server.tokenize.worker FD`, started by TokenizerWorkers.
 
 It receives one pickled encoder (a tokenizer and its settings, no weights) on the socket FD, then answers
-(pairs, max_length) with Packed arrays until the socket closes. It exits when its parent does, even a SIGKILLed one.
+(pairs, options) with Packed arrays until the socket closes. It exits when its parent does, even a SIGKILLed one.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def serve(conn: Connection) -> None:
             return
         if job is None:
             return
-        pairs, max_length = job
+        pairs, options = job
         try:
-            reply = ("ok", pack(encoder.encode(pairs, max_length)))
+            reply = ("ok", pack(encoder.encode(pairs, options)))
         except Exception as exc:  # the request's error (as text: not every exception pickles)
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)

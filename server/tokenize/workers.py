@@ -23,6 +23,7 @@ from typing import Any
 
 from server import tracing
 from server.errors import WorkerDied
+from server.tokenize.options import Options
 from server.tokenize.packed import unpack
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,12 @@ class TokenizerWorkers:
         threading.Thread(target=self._reap, args=(w,), name=f"reap-tokenizer-{w.pid}", daemon=True).start()
         self._idle.put(w)
 
-    def encode(self, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[Any]:
+    def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Any]:
         """The pairs tokenized by a free worker (waiting for one), as views into its packed arrays."""
         w = self._take()
         tracing.worker_taken(w.pid)
         try:
-            w.conn.send((list(pairs), max_length))
+            w.conn.send((list(pairs), options))
             status, value = w.conn.recv()
         except (EOFError, OSError):
             w.dead.set()
