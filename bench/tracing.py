@@ -44,7 +44,10 @@ def start(tree: str, model: str, otel: dict[str, str], log: Path, stack: ExitSta
     out = stack.enter_context(log.open("wb"))
     proc = subprocess.Popen([*cmd, "--rest-port", str(rest)], cwd=tree, stdout=out, stderr=subprocess.STDOUT, env=env)
     stack.callback(stop, proc)
-    asyncio.run(drive.wait_ready(f"127.0.0.1:{port}", proc))
+    try:
+        asyncio.run(drive.wait_ready(f"127.0.0.1:{port}", proc))
+    except RuntimeError:
+        raise RuntimeError(f"the server from {tree} did not start:\n{log.read_text()[-3000:]}") from None
     return f"127.0.0.1:{port}", f"http://127.0.0.1:{rest}/rerank"
 
 
