@@ -9,17 +9,23 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
-# torch first, from the index that decides CPU or CUDA; its layer stays cached while the code changes.
-# The pin is pyproject.toml's: 2.13.0+cpu or +cuXXX satisfies `torch==2.13.0`, so the next step keeps it.
+# Three layers, each rebuilt only when its input changes. torch first, from the index that decides CPU or CUDA
+# (the pin is pyproject.toml's: 2.13.0+cpu or +cuXXX satisfies `torch==2.13.0`, so the lock step keeps it).
 RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+# Every other dependency at the version CI tests: only a change of a lock rebuilds this layer.
+# Then the tracing extra (OpenTelemetry) at the dev lock's versions: the OTEL_* variables turn traces on in the image.
+COPY requirements.lock requirements-dev.lock /tmp/
+RUN pip install --no-deps -r /tmp/requirements.lock \
+    && pip install --constraint /tmp/requirements-dev.lock opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp
+# The project's code, in a prefix of its own, so that the final stage ships it as a small layer over the venv's.
 WORKDIR /src
 COPY . .
-# With the tracing extra: OTEL_TRACES_EXPORTER and the other OTEL_* variables turn traces on in the image as it is.
-RUN pip install "/src[tracing]"
+RUN pip install --no-deps --target /opt/app /src
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/app/.cache/huggingface \
@@ -36,10 +42,12 @@ RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid app --create-home --home-dir /home/app --shell /usr/sbin/nologin app \
     && mkdir -p /home/app/model /home/app/.cache/huggingface \
     && chown -R app:app /home/app
+# The same split: the dependencies' layer stays cached (and pulled once) while the code's layer changes.
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/app /opt/app
 WORKDIR /home/app
-# The weights live outside the image: mount the model directory at the legacy path (see README "Docker").
-VOLUME ["/home/app/model"]
+# The weights live outside the image: mount the model directory at the legacy path (see README "Docker"). No VOLUME:
+# it would leave an anonymous volume behind every container that runs without the mount.
 USER 10001:10001
 # gRPC, the legacy REST bridge, Prometheus metrics
 EXPOSE 50051 6009 9090

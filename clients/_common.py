@@ -192,6 +192,8 @@ class ModelInfo:
     max_text_chars: int
     models: list[str]  # every model the server has loaded; the first is its default
     revision: str  # a short hash of the model's weights: changes when they are replaced
+    family: str = ""  # whose recipe scores it: cross-encoder, qwen3-reranker, bge-llm, ...
+    default_instruction: str = ""  # the instruction a request without one gets ("" where the family takes none)
 
 
 def _optional_positive(value: int | None, name: str) -> int:
@@ -223,9 +225,13 @@ def rerank_request(
     model: str = "",
     long_documents: str = "truncate",
     max_windows_per_doc: int | None = None,
+    instruction: str = "",
+    query_max_length: int | None = None,
 ) -> pb.RerankRequest:
     if not isinstance(query, str):
         raise invalid(f"query must be a string, got {type(query).__name__}")
+    if not isinstance(instruction, str):
+        raise invalid(f"instruction must be a string, got {type(instruction).__name__}")
     if long_documents not in LONG_DOCUMENTS:
         raise invalid(f"long_documents must be one of {', '.join(LONG_DOCUMENTS)}, got {long_documents!r}")
     return pb.RerankRequest(
@@ -238,6 +244,8 @@ def rerank_request(
         model=model,
         long_documents=LONG_DOCUMENTS[long_documents],
         max_windows_per_doc=_optional_positive(max_windows_per_doc, "max_windows_per_doc"),
+        instruction=instruction,
+        query_max_length=_optional_positive(query_max_length, "query_max_length"),
     )
 
 
@@ -312,6 +320,8 @@ def model_info(resp: pb.GetModelInfoResponse) -> ModelInfo:
         max_text_chars=resp.limits.max_text_chars,
         models=list(resp.models),
         revision=resp.revision,
+        family=resp.family,
+        default_instruction=resp.default_instruction,
     )
 
 

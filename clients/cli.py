@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="truncate",
         help="a passage too long for one pair: truncate it (%(default)s), score its best window, or keep its end",
     )
+    rerank.add_argument("--instruction", default="", help="task instruction (Qwen3-Reranker, LLM rerankers)")
+    rerank.add_argument("--query-max-length", type=int, help="tokens of the query per pair")
     health = sub.add_parser("health", parents=[common], help="grpc.health.v1 status; exit 0 only when SERVING")
     health.add_argument("--service", default=SERVICE_NAME, help="service to check (%(default)s; '' = server)")
     info = sub.add_parser("info", parents=[common], help="model, device, dtype, revision and request limits")
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 max_length=args.max_length,
                 model=args.model,
                 long_documents=args.long_documents,
+                instruction=args.instruction,
+                query_max_length=args.query_max_length,
             )
             _print(asdict(result))
             return 0

@@ -167,12 +167,15 @@ class RerankerClient(_Base):
         model: str = "",
         long_documents: str = "truncate",
         max_windows_per_doc: int | None = None,
+        instruction: str = "",
+        query_max_length: int | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
         """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores.
 
         `long_documents`: "truncate" (FlagReranker's behaviour), "chunk" (a long passage scores as its best window) or
-        "truncate_left" (keep its end).
+        "truncate_left" (keep its end). `instruction`: the task text of an instruction-following model (Qwen3-Reranker,
+        FlagEmbedding's LLM rerankers; "" = the model's default). `query_max_length`: tokens of the query per pair.
         """
         req = rerank_request(
             query,
@@ -184,6 +187,8 @@ class RerankerClient(_Base):
             model=model,
             long_documents=long_documents,
             max_windows_per_doc=max_windows_per_doc,
+            instruction=instruction,
+            query_max_length=query_max_length,
         )
         return rerank_result(self._call(self._stub.Rerank, req, timeout), return_documents)
 
@@ -290,12 +295,15 @@ class AsyncRerankerClient(_Base):
         model: str = "",
         long_documents: str = "truncate",
         max_windows_per_doc: int | None = None,
+        instruction: str = "",
+        query_max_length: int | None = None,
         timeout: float | None = None,
     ) -> RerankResult:
         """Score `candidates` against `query`: results best first (cut to `top_n`) and input-order scores.
 
         `long_documents`: "truncate" (FlagReranker's behaviour), "chunk" (a long passage scores as its best window) or
-        "truncate_left" (keep its end).
+        "truncate_left" (keep its end). `instruction`: the task text of an instruction-following model (Qwen3-Reranker,
+        FlagEmbedding's LLM rerankers; "" = the model's default). `query_max_length`: tokens of the query per pair.
         """
         req = rerank_request(
             query,
@@ -307,6 +315,8 @@ class AsyncRerankerClient(_Base):
             model=model,
             long_documents=long_documents,
             max_windows_per_doc=max_windows_per_doc,
+            instruction=instruction,
+            query_max_length=query_max_length,
         )
         return rerank_result(await self._call(self._stub.Rerank, req, timeout), return_documents)
 

@@ -12,7 +12,7 @@ from rest_bridge import handlers
 from rest_bridge.config import BridgeConfig
 from rest_bridge.drain import DRAIN_KEY, Drain
 from rest_bridge.errors import CONFIG_KEY, error_middleware
-from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, ssl_context
+from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, guard_routes, server_header, ssl_context
 from rest_bridge.openapi import OPENAPI
 from server import tracing
 
@@ -77,6 +77,8 @@ def create_app(config: BridgeConfig) -> web.Application:
     app.router.add_get("/docs", docs)
     app.router.add_static("/docs/static", swagger_ui_path)
     app.router.add_get("/openapi.json", openapi)
+    guard_routes(app)
+    app.on_response_prepare.append(server_header)
     return app
 
 

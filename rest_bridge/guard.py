@@ -8,6 +8,11 @@
 - Malformed HTTP: what aiohttp's parser refuses is answered in the bridge's JSON shape and logged as one INFO
   line that quotes nothing of the request (`JsonErrorHandler`).
 - Connections: past `max_connections` open ones, a new connection gets an immediate 503 and is closed.
+- `Expect`: only `100-continue`, and `100 Continue` only when the body may be sent: a declared length over the
+  limit gets 413 without inviting the body; another value gets 417 (JSON, nothing echoed).
+- A body whose framing breaks in a later packet (a bad chunk size) fails its request at once with 400, rather than
+  waiting for the body timeout.
+- The `Server` header names no versions.
 """
 
 from __future__ import annotations
@@ -20,17 +25,48 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
-from rest_bridge.errors import BadRequest, parser_error, payload_error
+from rest_bridge.errors import BadRequest, error_body, parser_error, payload_error
 
 access_log = logging.getLogger("rest_bridge.access")
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LINGER_S = 2.0  # after an early answer (408, 413), how long unread body bytes are still drained before closing
 WARN_EVERY_S = 10.0
+SERVER_NAME = "reranker"  # the Server header: aiohttp's default names its version and Python's
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The answer to an `Expect` header, before any middleware: None lets the request go on to its handler."""
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no 100 Continue: the header is ignored, as aiohttp does
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        status, message = 417, "the Expect header supports only the value 100-continue"
+    elif request.content_length is not None and request.content_length > request.client_max_size:
+        status, message = 413, f"request body is larger than the limit of {request.client_max_size} bytes"
+    else:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body's answer is still to come
+        return None
+    status, body = error_body(request, status, message)
+    response = web.json_response(body, status=status)
+    response.force_close()  # the client may send the body anyway: not read as a next request
+    return response
+
+
+def guard_routes(app: web.Application) -> None:
+    """Every route answers `Expect` with expect_continue (aiohttp takes an expect handler per route only)."""
+    for route in app.router.routes():
+        route._expect_handler = expect_continue  # type: ignore[attr-defined]
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a Server header without versions."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
 
 
 def ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -114,8 +150,25 @@ class JsonErrorHandler(RequestHandler):
         status, text = parser_error(exc, self.max_headers)
         access_log.info("rest refused a malformed request from %s: status=%d %s", request.remote, status, text)
         response = web.json_response({"error": text, "status": status}, status=status)
+        response.headers[hdrs.SERVER] = SERVER_NAME
         response.force_close()
         return response
+
+    def data_received(self, data: bytes) -> None:
+        """A parser error inside the body of the request being served fails that request's body read at once
+        (body_middleware answers 400); aiohttp would queue it as a next request, and the read would wait for the
+        body timeout."""
+        queued = len(self._messages)
+        super().data_received(data)
+        request = self._current_request
+        if request is None or len(self._messages) <= queued or not isinstance(self._messages[-1][0], _ErrInfo):
+            return
+        if request.content.is_eof():
+            return  # its body was complete: the error is the next request's
+        error = self._messages.pop()[0]
+        failed = RequestPayloadError("the request body is malformed")
+        failed.__cause__ = error.exc
+        request.content.set_exception(failed)
 
 
 class _Counted(asyncio.Protocol):

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import signal
-import sys
-from typing import TYPE_CHECKING
 
-from server import tracing
-from server.app import RerankServer
-from server.config import Config, ConfigError, load_config
-from server.logs import setup_logging
+_early_hup: list[int] = []  # SIGHUPs that arrived before serve() took over the signals
+
+
+def _early_signal(signum: int, frame: object) -> None:
+    """Until serve() installs its handlers: SIGHUP is remembered (a reload once loaded), SIGTERM/SIGINT exit."""
+    if signum == signal.SIGHUP:
+        _early_hup.append(signum)
+        return
+    raise SystemExit(0)  # nothing is served yet: nothing to drain
+
+
+if __name__ == "__main__":  # first of all: the imports below take seconds, and SIGHUP's default action kills
+    for _sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, _early_signal)
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from server import tracing  # noqa: E402
+from server.app import RerankServer  # noqa: E402
+from server.config import Config, ConfigError, load_config  # noqa: E402
+from server.logs import setup_logging  # noqa: E402
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -59,6 +75,8 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reloader.request)  # swap in models whose files changed
+    if _early_hup:  # the same as one arriving now: the models are checked for changed files once loaded
+        server.reloader.request()
     try:
         await server.bind()
     except ConfigError as exc:  # port in use, unreadable certificate, ...

@@ -12,6 +12,7 @@ from server.errors import Busy, Draining
 DRAINING_MESSAGE = "the server is draining (shutting down): retry on another replica"
 GAP_S = 0.05  # no call arriving for this long: none is on its way through grpc either (loopback to remote: ms)
 SETTLE_S = 2.0  # at most this long after the work is done, looking for such a gap
+MIN_SETTLE_S = 0.25  # ... and at least this long (if no gap comes first), past the grace period if need be
 # Refusals answered at once, per second, after a burst of REFUSAL_BURST; past that rate each waits its turn (at most
 # MAX_HOLD_S). Callers that resend at once when refused would otherwise keep the event loop busy refusing, and the
 # inference thread, which yields to it, would get a fraction of the CPU (a quarter of one core, bench/retry_storm.py).
@@ -95,10 +96,12 @@ class Admission:
         self.stopping.set()
         self._settle()
         try:
-            await asyncio.wait_for(self._done.wait(), grace_s)
+            if not self._done.is_set():  # with nothing in flight a grace of 0 is no cut-off
+                await asyncio.wait_for(self._done.wait(), grace_s)
         except TimeoutError:
             return False
-        settled = min(deadline, time.monotonic() + SETTLE_S)
+        # Even when the grace is used up: grpc's stop would cut off calls it holds but has not handed over yet.
+        settled = max(min(deadline, time.monotonic() + SETTLE_S), time.monotonic() + MIN_SETTLE_S)
         while (now := time.monotonic()) < settled:
             gap_left = self._last_call + GAP_S - now
             if gap_left <= 0:

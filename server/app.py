@@ -29,6 +29,7 @@ from server.metrics import Metrics
 from server.reload import ModelReloader
 from server.service import RerankerService, Scoring
 from server.tokenize.tokenizing import Tokenizing, worker_count
+from server.tokenize.workers import WorkerEvents
 
 if TYPE_CHECKING:
     from server.engine.model import Batching
@@ -37,6 +38,15 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name  # reranker.v1.Reranker
 HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_POLL_S = 1.0  # how often health looks at what no event reports (a stopped device loop, a stuck batch)
+REFUSALS_S = 0.25  # after the drain, at least this long for grpc's stop: calls that just arrived get UNAVAILABLE
+
+
+def model_health_name(model: str) -> str:
+    """The health service name of one model: NOT_SERVING while it cannot score (say, no tokenizer worker)."""
+    return f"{SERVICE_NAME}/{model}"
+
+
 MAX_RECEIVE_CAP = 256 * 1024 * 1024
 _FIELD_OVERHEAD = 16  # protobuf tag + length varint, per text and per pair message
 
@@ -105,6 +115,10 @@ class RerankServer:
         # Waits for the device's results, so the infer thread can queue the next batch meanwhile.
         self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="collect")
         self.reloader = ModelReloader(self)
+        self._loaded = False
+        self._health_watch: asyncio.Task[None] | None = None
+        self._health_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def bind(self) -> int:
         """Listen and answer health (NOT_SERVING) before the model is loaded."""
@@ -114,7 +128,7 @@ class RerankServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        for name in HEALTH_SERVICES:
+        for name in (*HEALTH_SERVICES, *(model_health_name(m) for m, _ in self.config.models)):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         c = self.config
         address = f"{c.host}:{c.port}"
@@ -153,8 +167,9 @@ class RerankServer:
              "dtype": dtype, "version": __version__}
         )  # fmt: skip
         self.reloader.start()
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loaded = True
+        await self.refresh_health()
+        self._health_watch = asyncio.get_running_loop().create_task(self._watch_health(), name="health-watch")
         log.info(
             "serving",
             extra=fields(model=self.config.default_model, device=device, dtype=dtype, **self._startup_fields()),
@@ -171,7 +186,9 @@ class RerankServer:
         c = self.config
         b = engine.batching(c)  # before the warm-up: on CUDA it is sized from the memory free
         workers = worker_count(c.tokenize_workers, str(engine.device).startswith("cuda"))
-        tokenizing = Tokenizing(engine, c.tokenize_thread_count, workers, self._worker_died)
+        tokenizing = Tokenizing(engine, c.tokenize_thread_count, workers, self._worker_events(name))
+        if tokenizing.workers is not None:
+            self.metrics.tokenizer_workers.labels(name).set_function(lambda w=tokenizing.workers: w.live)
         try:
             await asyncio.to_thread(tokenizing.start)
             ready = partial(prepare, engine, b, c.cuda_graphs)  # on the device's thread: CUDA graphs are per thread
@@ -193,8 +210,46 @@ class RerankServer:
         batcher.start()
         return Scoring(engine, batcher, tokenizing, b, shapes)
 
-    def _worker_died(self) -> None:
-        self.metrics.tokenizer_worker_deaths.inc()
+    def _worker_events(self, name: str) -> WorkerEvents:
+        """Count a model's worker deaths and failed starts; re-check health when its live workers change."""
+        self._loop = asyncio.get_running_loop()
+        return WorkerEvents(
+            died=self.metrics.tokenizer_worker_deaths.inc,
+            start_failed=self.metrics.tokenizer_worker_start_failures.labels(name).inc,
+            changed=self._health_changed,
+        )
+
+    def _health_changed(self) -> None:
+        """From a worker's thread: refresh health on the event loop."""
+        try:
+            asyncio.run_coroutine_threadsafe(self.refresh_health(), self._loop)  # type: ignore[arg-type]
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    async def _watch_health(self) -> None:
+        """What no event reports (a device loop that ended, an inference thread stuck on one batch): looked at every
+        HEALTH_POLL_S, health refreshed when it changes."""
+        last: dict[str, str] = {}
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = {n: s.unavailable() for n, s in self.service.models.items()}
+            if {n: bool(w) for n, w in now.items()} != {n: bool(w) for n, w in last.items()}:
+                for name, why in now.items():
+                    if why and not last.get(name):
+                        log.error("model %s cannot score: %s; health NOT_SERVING until it can", name, why)
+                await self.refresh_health()
+            last = now
+
+    async def refresh_health(self) -> None:
+        """Each model SERVING while it can score; the server's names while any model can (none before loading)."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        async with self._health_lock:  # refreshes from several threads land in order, the last one wins
+            able = {n: not s.unavailable() for n, s in self.service.models.items()}
+            for name, _ in self.config.models:
+                await self.health.set(model_health_name(name), serving if able.get(name) else not_serving)
+            overall = serving if self._loaded and any(able.values()) else not_serving
+            for name in HEALTH_SERVICES:
+                await self.health.set(name, overall)
 
     @property
     def batching(self) -> Batching | None:
@@ -252,15 +307,19 @@ class RerankServer:
         await self.health.enter_graceful_shutdown()
         if await self.interceptor.drain(grace):
             # All work is done; still open are refusals being answered and health watches. grpc's stop sends
-            # GOAWAY (no new calls), lets the refusals end, and cancels the watches after a moment.
-            await self.server.stop(min(1.0, max(0.0, deadline - time.monotonic())))
+            # GOAWAY (no new calls), lets the refusals end (a call cut off here would read CANCELLED, which callers
+            # do not retry), and cancels the watches after a moment.
+            await self.server.stop(min(1.0, max(REFUSALS_S, deadline - time.monotonic())))
         else:
             log.warning("the grace period of %.1f s ended with calls in flight: cutting them off", grace)
             await self.server.stop(0)
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self.reloader.stop()
         for scoring in self.service.models.values():
             await scoring.batcher.stop()
-            scoring.tokenizing.close()
+            # A stopped or stuck worker is killed rather than waited for past the grace period.
+            await asyncio.to_thread(scoring.tokenizing.close, max(0.0, deadline - time.monotonic()))
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._collect_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop()

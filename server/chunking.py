@@ -40,11 +40,11 @@ class Windows:
 class Splitter:
     """Cuts passages for one engine (a FlagReranker and its fast tokenizer) at a given max_length."""
 
-    def __init__(self, flag: Any, max_length: int, tokenizer: Any = None) -> None:
+    def __init__(self, flag: Any, max_length: int, tokenizer: Any = None, query_max: int = 0) -> None:
         self.flag = flag
         self.tokenizer = tokenizer or flag.tokenizer  # the engine's copy for this thread, where it has one
         self.max_length = max_length
-        self.query_max = flag.query_max_length or max_length * 3 // 4
+        self.query_max = query_max or flag.query_max_length or max_length * 3 // 4
         self.special = self.tokenizer.num_special_tokens_to_add(pair=True)
         self._queries: dict[str, list[int]] = {}
 

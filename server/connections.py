@@ -21,6 +21,9 @@ SOCKET_DIR_PREFIX = "reranker-"  # then the owning process's id: reranker-<pid>-
 def connection_options(c: Config) -> list[tuple[str, int]]:
     """gRPC core arguments bounding what a connection may hold on to."""
     options = [
+        # gRPC sets SO_REUSEPORT by default: a second server on this port would bind too and take half the new
+        # connections. Off, a busy port fails the bind, and startup stops with one line.
+        ("grpc.so_reuseport", 0),
         # A connection that has not finished TLS and sent its HTTP/2 settings by then is closed.
         ("grpc.server_handshake_timeout_ms", int(c.handshake_timeout_s * 1000)),
         # Past this many open connections (handshakes included) gRPC closes new ones at once.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from server.config import Config
+from server.logs import dropped_lines
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -22,6 +25,14 @@ def _powers_of_two(low: int, high: int) -> tuple[float, ...]:
         out.append(value)
         value *= 2
     return (*out, high)
+
+
+class _LogDrops(Collector):
+    """The process's count of dropped log lines (logging is per process, the registry per server)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        help_text = "Log lines dropped because the log output was not being read (logging never blocks serving)"
+        yield CounterMetricFamily("reranker_log_lines_dropped", help_text, value=dropped_lines())
 
 
 class Metrics:
@@ -71,6 +82,19 @@ class Metrics:
             "Tokenizer worker processes that died (each is replaced; only the slice it held failed)",
             registry=r,
         )
+        self.tokenizer_workers = Gauge(
+            "reranker_tokenizer_workers",
+            "Tokenizer worker processes running, by model (none for a model tokenizing in threads)",
+            ["model"],
+            registry=r,
+        )
+        self.tokenizer_worker_start_failures = Counter(
+            "reranker_tokenizer_worker_start_failures",
+            "Tokenizer worker starts that failed, by model (each is tried again, with a bounded back-off)",
+            ["model"],
+            registry=r,
+        )
+        r.register(_LogDrops())
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
         self.model_info = Info("reranker_model", "The model being served", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...

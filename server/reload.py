@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -30,10 +31,15 @@ class Host(Protocol):
 
     async def serve_model(self, name: str, engine: Any) -> Scoring: ...
 
+    async def refresh_health(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
 RETIRE_TIMEOUT_S = 300.0  # a replaced model's batcher waits this long at most for its calls in flight
+
+
+_NO_FILES = hashlib.blake2b(digest_size=6).hexdigest()  # the revision of a hub id (server.engine.model.revision)
 
 
 def _revision_on_disk(path: str) -> str | None:
@@ -66,14 +72,26 @@ class ModelReloader:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._started = False
+        self._pending = False  # a SIGHUP arrived while the models were loading
 
     def start(self) -> None:
+        """Once every model is loaded: watch the directories (--watch-models), run a reload asked for meanwhile."""
+        self._started = True
         if self._server.config.watch_models > 0 and self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._server.config.watch_models))
+        if self._pending:
+            self._pending = False
+            self._spawn(self.reload())
 
     def request(self) -> None:
-        """SIGHUP: check every model now (a check already running is followed by this one)."""
-        self._spawn(self.reload())
+        """SIGHUP: check every model now (a check already running is followed by this one); while the models are
+        still loading, once they are."""
+        if self._started:
+            self._spawn(self.reload())
+        elif not self._pending:
+            self._pending = True
+            log.info("SIGHUP while the models load: they are checked for changed files once loaded")
 
     async def reload(self) -> dict[str, str]:
         """Reload every model whose files changed; returns {name: "ok" | "failed" | "unchanged"}."""
@@ -87,6 +105,11 @@ class ModelReloader:
             return "unchanged"
         try:
             on_disk = await asyncio.to_thread(_revision_on_disk, current.engine.path)
+            if on_disk is None and current.engine.revision != _NO_FILES:
+                log.error("reload of model %s: its directory %s is gone (deleted, renamed or unmounted); still "
+                          "serving revision %s", name, current.engine.path, current.engine.revision)  # fmt: skip
+                srv.metrics.model_reloads.labels(name, "failed").inc()
+                return "failed"
             if on_disk in (None, current.engine.revision):
                 return "unchanged"  # same files, or a hub id: nothing on disk to watch
             engine: Any = await srv.load_engine(name, current.engine.path)
@@ -97,9 +120,14 @@ class ModelReloader:
             srv.metrics.model_reloads.labels(name, "failed").inc()
             return "failed"
         srv.service.models[name] = fresh  # the swap: calls from now on get the new weights
+        await srv.refresh_health()  # the new model's workers may be up where the old one's were not
         srv.metrics.model_reloads.labels(name, "ok").inc()
         log.info("model %s reloaded: revision %s -> %s", name, current.engine.revision, engine.revision)
-        self._spawn(current.retire(RETIRE_TIMEOUT_S))
+        why = (
+            f"model {name} was reloaded (revision {current.engine.revision} -> {engine.revision}) while this call was "
+            f"on the old weights, which were retired after {RETIRE_TIMEOUT_S:.0f} s"
+        )
+        self._spawn(current.retire(RETIRE_TIMEOUT_S, why))
         return "ok"
 
     async def _watch(self, interval_s: float) -> None:

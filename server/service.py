@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -19,6 +21,7 @@ from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
 from server.engine.batcher import Batcher
 from server.errors import InvalidRequest, NotReady, UnknownModel, status_for
+from server.inflight import Calls
 from server.interceptors import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
 from server.stream import answer_stream
@@ -36,7 +39,6 @@ class Engine(Protocol):
     dtype: str
     max_length: int
     parameters: int
-    flag: Any  # the FlagReranker: its tokenizer and instructions, for cutting long passages into windows
     encoder: Any  # its tokenizing alone (server.tokenize), which a worker process can run without the weights
 
     family: str  # whose recipe scores it (README: the families table)
@@ -46,12 +48,16 @@ class Engine(Protocol):
 
     def refuse(self, options: Options) -> str | None: ...
 
+    def splitter(self, options: Options, tokenizer: Any) -> Splitter: ...
+
     def thread_tokenizer(self) -> Any: ...
 
     def copy_tokenizer(self, threads: int) -> None: ...
 
     def warm_up(self, pairs: int = 1) -> None: ...
 
+
+log = logging.getLogger(__name__)
 
 TOKENIZE_SLICE = 128  # pairs per tokenizer call: big enough for the batched calls, small enough to spread
 TOKENIZE_SLICE_CHARS = 256 * 1024  # characters per tokenizer call (about 30 ms of tokenizing on one core)
@@ -66,12 +72,18 @@ class Scoring:
     tokenizing: Tokenizing  # threads or worker processes: tokenizing overlaps the forward pass, off the loop
     batching: Any  # the budgets the batcher was given and where they came from (server.engine.model.Batching)
     shapes: str = ""  # how the device's shapes were warmed (server.engine.warm), for the startup line
+    calls: Calls = field(default_factory=Calls)
 
-    async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, max_length: int) -> Any:
+    def unavailable(self) -> str:
+        """Why this model cannot score now ("" when it can): no live tokenizer worker, its device loop ended, or its
+        inference thread stuck on one batch past the bound."""
+        return self.tokenizing.unavailable() or self.batcher.unavailable()
+
+    async def split(self, pairs: list[tuple[str, str]], plan: WindowPlan, options: Options) -> Any:
         """Cut the passages too long for one pair into windows (long_documents=CHUNK), on the tokenizing pool."""
 
         def split() -> Any:  # on a tokenizing thread, with that thread's own tokenizer
-            splitter = Splitter(self.engine.flag, max_length, self.engine.thread_tokenizer())
+            splitter = self.engine.splitter(options, self.engine.thread_tokenizer())
             return split_passages(splitter, pairs, plan)
 
         split_traced = tracing.on_thread("split", split, {"reranker.pairs": len(pairs)})
@@ -105,10 +117,20 @@ class Scoring:
                 part.cancel()
                 part.add_done_callback(_consume)
 
-    async def retire(self, timeout_s: float) -> None:
-        """Stop once the calls already submitted are answered (a replaced model), then stop its tokenizing."""
-        await self.batcher.close_when_idle(timeout_s)
-        self.tokenizing.close()
+    async def retire(self, timeout_s: float, why: str) -> None:
+        """Stop once the calls already using this model are answered (a replaced model: they finish on it, wherever
+        they are: cutting windows, tokenizing, queued), then stop its batcher and tokenizing. Calls still running
+        after `timeout_s` fail with UNAVAILABLE saying `why`."""
+        self.calls.retired = why
+        start = time.monotonic()
+        try:
+            if not await self.calls.wait_idle(timeout_s):
+                log.warning("%d calls still running on a retired model after %.0f s: stopping it", self.calls.open,
+                            timeout_s)  # fmt: skip
+            await self.batcher.close_when_idle(max(0.0, timeout_s - (time.monotonic() - start)))
+        finally:  # also when the server stops first: the old model's workers go with it
+            await self.batcher.stop()
+            await asyncio.to_thread(self.tokenizing.close)
 
 
 def slices(pairs: list[tuple[str, str]]) -> list[slice]:
@@ -254,6 +276,9 @@ class RerankerService(pb_grpc.RerankerServicer):
         name = name or self.config.default_model
         scoring = self.models.get(name)
         if scoring is not None:
+            why = scoring.unavailable()
+            if why:  # fail fast rather than queue behind what cannot score
+                raise NotReady(f"model {name!r} cannot score now: {why}; retry shortly, or on another replica")
             return name, scoring
         if name in dict(self.config.models):
             raise NotReady(f"model {name!r} is still loading; retry shortly")
@@ -284,9 +309,22 @@ class RerankerService(pb_grpc.RerankerServicer):
         plan = window_plan(req, self.config)
         name, scoring = self._ready(req.model)
         options = request_options(req, scoring.engine)
+        with scoring.calls:  # a reload retires this model only once the call is done with it
+            return await self._score(req, pairs, documents, plan, options, name, scoring)
+
+    async def _score(
+        self,
+        req: pb.RerankRequest,
+        pairs: list[tuple[str, str]],
+        documents: list[str],
+        plan: WindowPlan | None,
+        options: Options,
+        name: str,
+        scoring: Scoring,
+    ) -> pb.RerankResponse:
         windows = None
         if plan is not None:  # cut on the tokenizing thread; the windows' count is known only after
-            windows = await scoring.split(pairs, plan, req.max_length or scoring.engine.max_length)
+            windows = await scoring.split(pairs, plan, options)
             pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, options))

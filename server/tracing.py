@@ -55,7 +55,8 @@ def setup() -> None:
         from opentelemetry.sdk._configuration import _OTelSDKConfigurator
     except ImportError:
         raise TracingError(
-            "OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: pip install -e '.[tracing]'"
+            "OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: install the tracing extra "
+            "(pip install -c requirements-dev.lock '.[tracing]')"
         ) from None
     try:
         _OTelSDKConfigurator().configure()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -59,6 +60,8 @@ class ServerProcess:
         *args: str,
         start_timeout: float = 120.0,
         credentials: grpc.ChannelCredentials | None = None,  # a TLS server: how to ask its health
+        python: Sequence[str] = (sys.executable,),  # the interpreter and its flags
+        env: Mapping[str, str] | None = None,  # added to this process's environment
     ) -> None:
         self._credentials = credentials
         self.port = free_port()
@@ -66,10 +69,10 @@ class ServerProcess:
         self.log_path = log_path
         self._log = log_path.open("w")  # a file, not a pipe: a full pipe would stall the server's logging
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1"]
+            [*python, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1"]
             + ["--port", str(self.port), *args],
             cwd=ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -148,3 +148,55 @@ async def test_a_declared_length_over_the_limit_is_413_before_any_body(bridge: i
     assert json.loads(body) == {"error": "request body is larger than the limit of 1000 bytes", "status": 413}
     status, _, body = await _exchange(bridge, raw.replace(b"/rerank", b"/v1/rerank"))
     assert status == 413 and "1000 bytes" in json.loads(body)["message"]  # Cohere's routes keep Cohere's shape
+
+
+POST = b"POST /rerank HTTP/1.1\r\n" + HEAD + b"Content-Type: application/json\r\n"
+
+
+async def test_an_unknown_expect_is_a_json_417_that_echoes_nothing(bridge: int) -> None:
+    status, headers, body = await _exchange(bridge, POST + b"Expect: <junk-7c1d>\r\nContent-Length: 2\r\n\r\n{}")
+    assert status == 417 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"error": "the Expect header supports only the value 100-continue", "status": 417}
+    assert b"junk-7c1d" not in body
+    assert headers["server"] == "reranker"  # no aiohttp or Python version
+
+
+async def test_expect_100_continue_is_sent_only_for_a_body_within_the_limit(bridge: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge)
+    try:
+        writer.write(POST + b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n")  # over the 1000-byte limit
+        async with asyncio.timeout(10):
+            status, headers = await _head(reader)
+        assert status == 413, "answered before inviting a body it would refuse"
+        assert "1000 bytes" in json.loads(await reader.readexactly(int(headers["content-length"])))["error"]
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge)
+    try:
+        writer.write(POST + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await _head(reader))[0] == 100
+            writer.write(b"{}")
+            status, headers = await _head(reader)
+        assert status == 400 and "query" in (await reader.readexactly(int(headers["content-length"]))).decode()
+    finally:
+        writer.close()
+
+
+async def test_a_bad_chunk_size_in_a_later_packet_is_a_400_at_once(bridge: int, caplog: Any) -> None:
+    """Not a 408 at the body timeout (30 s, past _exchange's 10 s bound): the parser's error fails the read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge)
+    try:
+        writer.write(POST + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n')
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the first chunk is read on its own
+        with caplog.at_level(logging.DEBUG):
+            writer.write(b"zz\r\nabc\r\n0\r\n\r\n")
+            async with asyncio.timeout(10):
+                status, headers = await _head(reader)
+                body = await reader.readexactly(int(headers["content-length"]))
+    finally:
+        writer.close()
+    assert status == 400 and headers["connection"].lower() == "close"
+    assert "chunked Transfer-Encoding" in json.loads(body)["error"]
+    _assert_quiet(caplog, most=0)

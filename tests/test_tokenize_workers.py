@@ -23,7 +23,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.tokenize.exact import Instructions
-from server.tokenize.workers import TokenizerWorkers
+from server.tokenize.workers import TokenizerWorkers, WorkerEvents
 from tests.conftest import test_config
 from tools.make_model import SENTENCES
 
@@ -95,12 +95,13 @@ async def test_a_worker_dying_fails_only_the_request_it_held(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{worker_server.port}") as ch:
         stub = pb_grpc.RerankerStub(ch)
         held = asyncio.ensure_future(stub.Rerank(pb.RerankRequest(query="q", candidates=SENTENCES)))
-        await asyncio.to_thread(_wait_for, workers._idle.empty, "the request taken by the worker")
+        await asyncio.to_thread(_wait_for, lambda: not workers._idle, "the request taken by the worker")
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await held
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"tokenizer worker (pid {pid}) died while tokenizing this request; retry" in err.value.details()
+        await asyncio.to_thread(_wait_for, lambda: workers.pids not in ([], [pid]), "a replacement")
         reply = await stub.Rerank(pb.RerankRequest(query="q", candidates=SENTENCES), timeout=DEADLINE_S)
     assert len(reply.scores) == len(SENTENCES)
     assert workers.pids and pid not in workers.pids
@@ -112,7 +113,7 @@ async def test_a_worker_dying_fails_only_the_request_it_held(
 
 def test_a_worker_dead_while_idle_costs_no_request(engine: Any) -> None:
     deaths: list[int] = []
-    workers = TokenizerWorkers(engine.encoder, 2, on_death=lambda: deaths.append(1))
+    workers = TokenizerWorkers(engine.encoder, 2, WorkerEvents(died=lambda: deaths.append(1)))
     workers.start()
     try:
         first, second = workers.pids
@@ -139,7 +140,7 @@ def test_workers_exit_when_the_server_is_sigkilled(model_dir: Path, tmp_path: Pa
             import sys, time
             from server.config import Config
             from server.engine.model import RerankerModel
-            from server.tokenize.workers import TokenizerWorkers
+            from server.tokenize.workers import TokenizerWorkers, WorkerEvents
             w = TokenizerWorkers(RerankerModel(Config(model={str(model_dir)!r})).encoder, 2)
             w.start()
             print(*w.pids, flush=True)

@@ -221,9 +221,17 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]  # special, as in 
 THINK_TOKENS = ["<think>", "</think>"]  # added, not special, as in Qwen3's
 
 
-def build_qwen3_reranker(directory: str | Path, seed: int = 0, vocab_size: int = 500) -> Path:
+QWEN3_SHAPES = {
+    # layers, hidden, heads, kv heads, intermediate, the model's vocabulary (the tokenizer's: 502 tokens)
+    "tiny": (2, 32, 2, 1, 64, 0),
+    "small": (4, 256, 4, 2, 768, 151_669),  # Qwen3-Reranker's vocabulary: what full logits cost per position
+}
+
+
+def build_qwen3_reranker(directory: str | Path, seed: int = 0, shape: str = "tiny", vocab_size: int = 500) -> Path:
     """A tiny Qwen3 causal LM with a tokenizer like Qwen3-Reranker's: byte-level BPE, no bos, left padding, the chat
-    tokens, and "yes" and "no" as single tokens."""
+    tokens, and "yes" and "no" as single tokens. `small`: wider, with Qwen3's full vocabulary size in the model (the
+    embedding and output head), for measuring what the vocabulary costs."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -248,16 +256,20 @@ def build_qwen3_reranker(directory: str | Path, seed: int = 0, vocab_size: int =
     for word in ("yes", "no"):
         if tok.token_to_id(word) is None:
             raise RuntimeError(f"the tiny Qwen3 tokenizer did not learn {word!r} as a token")
+    layers, hidden, heads, kv_heads, inter, vocab = QWEN3_SHAPES[shape]
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        num_hidden_layers=2,
-        head_dim=16,
+        vocab_size=max(vocab, len(tokenizer)),
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        head_dim=16 if shape == "tiny" else hidden // heads,
         max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        initializer_range=LLM_INIT,
+        initializer_range=LLM_INIT if shape == "tiny" else 0.02,
         tie_word_embeddings=False,
-        **LLM_SHAPE,
     )
     return _save(directory, Qwen3ForCausalLM, config, tokenizer, seed)
 
@@ -337,12 +349,17 @@ def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="the cross-encoder's size")
+    parser.add_argument(
+        "--shape", choices=sorted({*SHAPES, *QWEN3_SHAPES}), default="tiny", help="cross-encoder: tiny, base; "
+        "qwen3-reranker: tiny, small"
+    )
     kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise", "lightweight", "qwen3-reranker")
     parser.add_argument("--kind", choices=kinds, default="cross-encoder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.kind == "cross-encoder":
+        if args.shape not in SHAPES:
+            parser.error(f"a cross-encoder takes --shape {' or '.join(SHAPES)}")
         print(build_model(args.directory, args.shape, args.seed))
     elif args.kind == "bert":
         print(build_bert_model(args.directory, args.seed))
@@ -351,7 +368,9 @@ def main() -> None:
     elif args.kind == "lightweight":
         print(build_lightweight_model(args.directory, args.seed))
     elif args.kind == "qwen3-reranker":
-        print(build_qwen3_reranker(args.directory, args.seed))
+        if args.shape not in QWEN3_SHAPES:
+            parser.error(f"--kind qwen3-reranker takes --shape {' or '.join(QWEN3_SHAPES)}")
+        print(build_qwen3_reranker(args.directory, args.seed, args.shape))
     else:
         print(build_llm_model(args.directory, args.seed, args.kind))
 

@@ -36,6 +36,7 @@ class BatchLimits:
     max_queue_pairs: int = 8192
     window: int = 1024  # oldest pending pairs considered when grouping by length (a max-size request fits)
     depth: int = 2  # batches launched and not yet collected; 2 keeps the next batch queued behind the running one
+    stuck_s: float = 120.0  # a batch launched longer ago than this and not done: the inference thread is stuck
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Batcher(Generic[Item]):
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._newer_turn = False  # the last batch went to a newer request than the oldest (_anchor)
+        self._running: dict[int, float] = {}  # batches on the device: id -> when it was launched
         self.stats = BatchStats()
 
     @property
@@ -161,6 +163,20 @@ class Batcher(Generic[Item]):
     @property
     def queued_pairs(self) -> int:
         return len(self._pending)
+
+    def unavailable(self) -> str:
+        """Why this batcher cannot score now ("" when it can): its device loop ended, or a batch has been on the
+        inference thread past `stuck_s`."""
+        worker = self._worker
+        if worker is not None and worker.done() and not self._closed:
+            why = "cancelled" if worker.cancelled() else repr(worker.exception())
+            return f"its device loop stopped ({why})"
+        if self._running:
+            age = time.perf_counter() - min(self._running.values())
+            if age > self._limits.stuck_s:
+                bound = self._limits.stuck_s
+                return f"its inference thread has been on one batch for {age:.0f} s (the bound is {bound:.0f} s)"
+        return ""
 
     def start(self) -> None:
         if self._worker is None:
@@ -347,14 +363,17 @@ class Batcher(Generic[Item]):
         for p in batch:
             if p.job.started is None:
                 p.job.started = start
+        self._running[id(batch)] = start  # until its scores are collected (_collect) or it failed
         try:
             collect = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._launch, [p.item for p in batch]
             )
         except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
+            self._running.pop(id(batch), None)
             self._fail(batch, RuntimeError("the server is shutting down"))
             raise
         except Exception as exc:  # a model error fails only the callers in this batch
+            self._running.pop(id(batch), None)
             self._failed(batch, exc)
             return None
         return collect, start
@@ -374,6 +393,7 @@ class Batcher(Generic[Item]):
             self._failed(batch, exc)
             return
         finally:
+            self._running.pop(id(batch), None)
             slots.release()
         end = time.perf_counter()
         elapsed, tokens = end - start, sum(p.length for p in batch)

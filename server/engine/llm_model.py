@@ -211,6 +211,7 @@ class LLMRerankerModel:
     thread_tokenizer = RerankerModel.thread_tokenizer
     copy_tokenizer = RerankerModel.copy_tokenizer
     encode = RerankerModel.encode
+    splitter = RerankerModel.splitter
 
     family = "bge-llm"
     default_instruction = DEFAULT_PROMPT

@@ -17,6 +17,7 @@ import torch
 from FlagEmbedding import FlagReranker
 from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 
+from server.chunking import Splitter
 from server.config import Config
 from server.engine.launch import Arrays, Collect, Launcher
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
@@ -320,6 +321,10 @@ class RerankerModel:
         """Why this model cannot honour a request's options (None: it can)."""
         return refusal(self.name, self.family, o, self.options)
 
+    def splitter(self, o: Options, tokenizer: Any) -> Splitter:
+        """What cuts a request's long passages into windows that each fit with its query (long_documents=CHUNK)."""
+        return Splitter(self.flag, o.max_length or self.max_length, tokenizer, o.query_max_length)
+
     def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Encoded]:
         """The pairs tokenized exactly as compute_score does (server.tokenize.exact), in this thread; `options`: the
         request's (or a bare max_length)."""
@@ -401,4 +406,4 @@ class RerankerModel:
         self.score([("warm up", "a short passage to warm up the model")])
         if pairs > 1:
             passage = " ".join(["a passage of many words to warm up the model"] * 16)
-            self.score([("warm up", passage)] * pairs, max_length=min(64, self.max_length))
+            self.score([("warm up", passage)] * pairs, min(64, self.max_length))

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from server.chunking import Splitter
 from server.config import Config
 from server.engine.launch import Launcher
 from server.engine.llm_model import LLMRerankerModel
 from server.engine.model import ModelLoadError, _offline_help, _quiet_progress_bars, place
 from server.tokenize.chat import QWEN3_RERANKER, ChatEncoder
-from server.tokenize.exact import Instructions
+from server.tokenize.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,19 @@ YES, NO = "yes", "no"
 
 
 class ChunkingRules:
-    """What server.chunking.Splitter reads of a FlagEmbedding reranker, for a chat-template one: the query is not
-    cut apart (the template is truncated as a whole) and no per-side instructions."""
+    """What server.chunking.Splitter reads of a FlagEmbedding reranker, for a chat-template one: the template's text
+    before the document stands as the query (not cut apart: the template is truncated whole), the document as the
+    passage."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    query_max_length = 0
+
+    def __init__(self, tokenizer: Any, encoder: ChatEncoder, instruction: str) -> None:
         self.tokenizer = tokenizer
-        self.query_max_length = max_length
-        self._none = Instructions(None, "{}{}", None, "{}{}", None)
+        self.encoder = encoder
+        self.instruction = instruction
 
     def get_detailed_inputs(self, pairs: Sequence[Sequence[str]]) -> list[list[str]]:
-        return self._none.get_detailed_inputs(pairs)
+        return [[self.encoder.texts([(q, "")], self.instruction)[0], p] for q, p in pairs]
 
 
 class Qwen3RerankerModel(LLMRerankerModel):
@@ -60,10 +64,23 @@ class Qwen3RerankerModel(LLMRerankerModel):
                 f"--max-length {config.max_length} leaves no room for a pair: Qwen3-Reranker's template alone takes "
                 f"{self.encoder.overhead} tokens"
             )
-        self.flag = ChunkingRules(self.tokenizer, config.max_length)
         self._pad_id = self.tokenizer.pad_token_id or 0  # padded positions are masked: any id will do
         self.max_width = config.max_length
         self.launcher = Launcher(self.model, self.device, self._scores, causal=True, buckets=None)
+
+    def refuse(self, o: Options) -> str | None:
+        why = super().refuse(o)
+        if why is None and o.max_length and o.max_length <= self.encoder.overhead:
+            return (
+                f"max_length {o.max_length} leaves no room for a pair: model {self.name!r}'s template alone takes "
+                f"{self.encoder.overhead} tokens"
+            )
+        return why
+
+    def splitter(self, o: Options, tokenizer: Any) -> Splitter:
+        """Windows that fit beside the template (prefix, suffix, the instruction and query lines) and the query."""
+        budget = (o.max_length or self.max_length) - self.encoder.overhead
+        return Splitter(ChunkingRules(tokenizer, self.encoder, o.instruction), budget, tokenizer, budget)
 
     def _load(self, config: Config, path: str) -> tuple[Any, Any]:  # type: ignore[override]
         from transformers import AutoModelForCausalLM, AutoTokenizer

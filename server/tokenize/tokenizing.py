@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from server.tokenize.workers import TokenizerWorkers
+from server.tokenize.workers import STOP_WAIT_S, TokenizerWorkers, WorkerEvents
 
 MAX_AUTO_WORKERS = 8
 
@@ -41,10 +41,10 @@ class Tokenizing:
     """`encode` on `executor`'s threads: in this process (workers=0, a tokenizer copy per thread) or, through those
     threads, in `workers` processes."""
 
-    def __init__(self, model: Encoder, threads: int, workers: int, on_death: Callable[[], None] | None = None) -> None:
+    def __init__(self, model: Encoder, threads: int, workers: int, events: WorkerEvents | None = None) -> None:
         self.model = model
         self.threads = threads
-        self.workers = TokenizerWorkers(model.encoder, workers, on_death) if workers else None
+        self.workers = TokenizerWorkers(model.encoder, workers, events) if workers else None
         # With workers a thread only waits on its worker's socket: one each is enough.
         self.executor = ThreadPoolExecutor(workers or threads, thread_name_prefix="tokenize")
         self.start_s = 0.0
@@ -70,6 +70,12 @@ class Tokenizing:
             self.model.copy_tokenizer(self.threads)
         self.start_s = time.perf_counter() - start
 
+    def unavailable(self) -> str:
+        """Why this model cannot tokenize now, or "" when it can (threads always can; workers while one lives)."""
+        if self.workers is None or self.workers.live:
+            return ""
+        return self.workers.unavailable()
+
     def describe(self) -> str:
         """For the startup line."""
         if self.workers:
@@ -77,7 +83,8 @@ class Tokenizing:
             return f"{n} process{'es' if n > 1 else ''} (started in {self.start_s:.1f} s)"
         return f"{self.threads} thread{'s' if self.threads > 1 else ''} in-process"
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = STOP_WAIT_S) -> None:
+        """Stop tokenizing; workers still busy after `timeout_s` (stopped, stuck) are killed."""
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.workers:
-            self.workers.close()
+            self.workers.close(timeout_s)
