@@ -60,12 +60,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(
-    args: list[str], log: Path, preexec_fn: Callable[[], object] | None = None
+    args: list[str],
+    log: Path | str,
+    preexec_fn: Callable[[], object] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process (its output in `log`), stopped by pid on exit: SIGTERM, then SIGKILL."""
+    """A child process (its output in `log`; `env` added to ours), stopped by pid on exit: SIGTERM, then SIGKILL."""
     with open(log, "wb") as out:
+        environment = os.environ | ENV | (env or {})
         proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ | ENV, preexec_fn=preexec_fn
+            args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=environment, preexec_fn=preexec_fn
         )
     try:
         yield proc

@@ -2,4 +2,4 @@
 
 from clients.cli import main
 
-main()
+main(prog="python -m clients")

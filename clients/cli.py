@@ -13,7 +13,7 @@ from clients._common import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, SERVICE_NAME, Rer
 from clients.python_client import RerankerClient
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m clients.python_client") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS (with --client-key)")
     common.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
 
-    p = argparse.ArgumentParser(prog="python -m clients.python_client", description="Call the reranking service.")
+    p = argparse.ArgumentParser(prog=prog, description="Call the reranking service.")
     sub = p.add_subparsers(dest="command", required=True)
     rerank = sub.add_parser("rerank", parents=[common], help="rank candidates for a query; prints JSON")
     rerank.add_argument("--query", required=True)
@@ -90,8 +90,8 @@ def _print(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m clients.python_client") -> None:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         code = run(args)

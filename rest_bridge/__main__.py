@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from rest_bridge.app import start_bridge
 from rest_bridge.config import BridgeConfig, load_bridge_config
 from rest_bridge.drain import drain_of
@@ -20,13 +22,19 @@ async def serve(config: BridgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, _ = await start_bridge(config, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    registry = CollectorRegistry()
+    metrics = (
+        start_http_server(config.metrics_port, addr=config.host, registry=registry) if config.metrics_port else None
+    )
+    runner, _ = await start_bridge(config, shutdown_timeout=SHUTDOWN_TIMEOUT_S, registry=registry)
     try:
         await stop.wait()
         drain_of(runner).start()  # new requests get 503 with Connection: close
         await drain_of(runner).wait(SHUTDOWN_TIMEOUT_S)
     finally:
         await runner.cleanup()
+        if metrics is not None:
+            metrics[0].shutdown()
 
 
 def main() -> None:

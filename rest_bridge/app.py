@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from swagger_ui_bundle import swagger_ui_path
 
 from rest_bridge import handlers
@@ -13,7 +14,8 @@ from rest_bridge.config import BridgeConfig
 from rest_bridge.drain import DRAIN_KEY, Drain
 from rest_bridge.errors import CONFIG_KEY, error_middleware
 from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, guard_routes, server_header, ssl_context
-from rest_bridge.openapi import OPENAPI
+from rest_bridge.metrics import RestMetrics
+from rest_bridge.openapi import document
 from server import tracing
 
 log = logging.getLogger(__name__)
@@ -39,17 +41,21 @@ async def docs(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    return web.json_response(document(await request.app[handlers.UPSTREAM_KEY].described_models()))
 
 
 async def root(request: web.Request) -> web.Response:
     raise web.HTTPFound("/docs")
 
 
-def create_app(config: BridgeConfig) -> web.Application:
-    """The bridge app; its gRPC channel opens on startup and closes on cleanup."""
-    drain = Drain()  # first: a draining bridge refuses before it reads a body
-    middlewares = [drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
+METRICS_KEY = web.AppKey("metrics", RestMetrics)
+
+
+def create_app(config: BridgeConfig, registry: CollectorRegistry | None = None) -> web.Application:
+    """The bridge app; its gRPC channel opens on startup and closes on cleanup. Metrics go into `registry`."""
+    metrics = RestMetrics(registry or CollectorRegistry())  # outermost: it counts the drain's refusals too
+    drain = Drain()  # then the drain: a draining bridge refuses before it reads a body
+    middlewares = [metrics.middleware, drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
     if tracing.on():  # outermost: a refused or failed request has its span too
         from rest_bridge.tracing import trace_middleware
 
@@ -57,6 +63,7 @@ def create_app(config: BridgeConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[DRAIN_KEY] = drain
+    app[METRICS_KEY] = metrics
 
     async def upstream(app: web.Application) -> AsyncIterator[None]:
         app[handlers.UPSTREAM_KEY] = handlers.Upstream(config)
@@ -82,10 +89,12 @@ def create_app(config: BridgeConfig) -> web.Application:
     return app
 
 
-async def start_bridge(config: BridgeConfig, shutdown_timeout: float = 10.0) -> tuple[web.AppRunner, int]:
+async def start_bridge(
+    config: BridgeConfig, shutdown_timeout: float = 10.0, registry: CollectorRegistry | None = None
+) -> tuple[web.AppRunner, int]:
     """Serve the bridge on config.host:config.port; returns the runner (call `cleanup()`) and the bound port."""
     runner = web.AppRunner(
-        create_app(config),
+        create_app(config, registry),
         access_log=None,
         shutdown_timeout=shutdown_timeout,
         keepalive_timeout=config.header_timeout_s,  # closes a connection whose request headers are late (guard.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from server.tracing import wanted as tracing_wanted
 
@@ -34,11 +34,15 @@ class BridgeConfig:
     grpc_cert: str = ""
     grpc_key: str = ""
     grpc_server_name: str = ""  # the name to verify in the server's certificate, when the target's differs
+    api_key: str = field(default="", repr=False)  # sent on the bridge's own calls (the docs page's model list)
+    metrics_port: int = 0  # Prometheus /metrics of the standalone bridge; 0 = off
     tracing: bool = False  # OpenTelemetry traces: on when OTEL_TRACES_EXPORTER names an exporter (server/tracing.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535 (0 picks a free port), got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535 (0 turns metrics off), got {self.metrics_port}")
         positive = (
             "deadline_s",
             "max_body_bytes",
@@ -87,6 +91,8 @@ ENV_NAMES = {
     "grpc_cert": "RERANKER_GRPC_CERT",
     "grpc_key": "RERANKER_GRPC_KEY",
     "grpc_server_name": "RERANKER_GRPC_SERVER_NAME",
+    "api_key": "RERANKER_API_KEY",
+    "metrics_port": "RERANKER_BRIDGE_METRICS_PORT",
 }
 
 HELP = {
@@ -109,6 +115,9 @@ HELP = {
     "grpc_cert": "PEM client certificate for mutual TLS to --grpc-target (with --grpc-key)",
     "grpc_key": "PEM private key of --grpc-cert",
     "grpc_server_name": "name to verify in the gRPC server's certificate when it differs from the target's",
+    "api_key": "the server's API key, sent only on the bridge's own calls (the model list on /docs); callers send "
+    "their own Authorization header",
+    "metrics_port": "serve Prometheus /metrics (reranker_rest_*) on this port; 0 = off",
 }
 
 

@@ -59,6 +59,9 @@ def _meta(resp: pb.RerankResponse, version: str) -> CohereMeta:
     return {"api_version": {"version": version}, "billed_units": {"search_units": max(1, math.ceil(windows / 100))}}
 
 
+LEGACY_1 = "legacy 1"  # bge-reranker-base-api: its text_pairs and envelope have a handler of their own
+
+
 # ---------------------------------------------------------------- legacy 2: {query, compare_to}
 
 

@@ -27,12 +27,18 @@ HTTP_BY_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 UNAVAILABLE_MESSAGE = "the reranking server cannot be reached or is not ready; retry shortly"
+# gRPC's own words speak of metadata; over HTTP the key travels in a header, on every route and dialect.
+UNAUTHENTICATED_MESSAGE = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
 DEADLINE_SETTING = (
     "RERANKER_REST_DEADLINE_S: --deadline-s of python -m rest_bridge, --rest-deadline-s of python -m server"
 )
 
 TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
 CONFIG_KEY = web.AppKey("bridge_config", BridgeConfig)
+# For the metrics: the dialect, once a handler knows it (POST /rerank: from the body), and the status an error had
+# where the answer says otherwise (legacy 1 answers a bad request with HTTP 200 and code -1).
+DIALECT_KEY = web.RequestKey("dialect", str)
+ERROR_STATUS_KEY = web.RequestKey("error_status", int)
 COHERE_PREFIXES = ("/v1/", "/v2/")  # Cohere's routes answer errors in Cohere's shape
 QUOTED = re.compile(r"(?<![A-Za-z])['\"]|['\"](?![A-Za-z])|\\")  # a quote that is not an apostrophe, a backslash
 
@@ -54,6 +60,8 @@ def error_status(exc: BaseException, config: BridgeConfig) -> tuple[int, str]:
         status = HTTP_BY_STATUS.get(code, 502)
         if code == grpc.StatusCode.UNAVAILABLE:
             return status, f"{UNAVAILABLE_MESSAGE} ({exc.details()})"
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return status, UNAUTHENTICATED_MESSAGE
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return status, (
                 f"{code.name}: {exc.details()}; the bridge waits at most {config.deadline_s:g} s for the gRPC "
@@ -126,6 +134,7 @@ async def error_middleware(
         status, message = error_status(exc, request.app[CONFIG_KEY])
     except Exception as exc:
         status, message = error_status(exc, request.app[CONFIG_KEY])
+    request[ERROR_STATUS_KEY] = status
     status, body = error_body(request, status, message)
     response = web.json_response(body, status=status)
     if request.content.exception() is not None:  # the parser stopped inside the body: this connection is done

@@ -16,7 +16,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge.channel import open_channel
 from rest_bridge.config import BridgeConfig
 from rest_bridge.dialects import COHERE_V1, COHERE_V2, Dialect, rerank_dialect
-from rest_bridge.errors import TEXT_PAIRS_KEY, BadRequest
+from rest_bridge.errors import DIALECT_KEY, TEXT_PAIRS_KEY, BadRequest
 from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
 from rest_bridge.tracing import trace_metadata
 
@@ -69,6 +69,27 @@ class Upstream:
             if name in models:
                 return name
         raise BadRequest(f"model {name!r} is not served here; loaded models: {', '.join(models)}", status=404)
+
+    async def described_models(self) -> list[str]:
+        """A line per served model for the docs page (name, family, device, dtype); [] when the server cannot say.
+
+        Asked with the bridge's own key (the page opens before its reader has authorized).
+        """
+        key = self.config.api_key
+        metadata = [("authorization", f"Bearer {key}")] if key else []
+        try:
+            names = await self.models(metadata)
+        except grpc.aio.AioRpcError:
+            return []
+        return [await self._describe(name, metadata) for name in names]
+
+    async def _describe(self, name: str, metadata: list[tuple[str, str]]) -> str:
+        request = pb.GetModelInfoRequest(model=name)
+        try:
+            i = await self.reranker.GetModelInfo(request, timeout=min(5.0, self.config.deadline_s), metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            return f"`{name}`: {'still loading' if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name}"
+        return f"`{i.model}`: " + ", ".join(([f"{i.family} reranker"] if i.family else []) + [i.device, i.dtype])
 
     async def close(self) -> None:
         await self.channel.close()
@@ -126,6 +147,7 @@ def _request_id(request: web.Request) -> str:
 
 
 async def _serve(request: web.Request, dialect: Dialect[Any], body: dict[str, Any]) -> web.Response:
+    request[DIALECT_KEY] = dialect.name
     parsed = parse(dialect.model, body)
     config = _upstream(request).config
     model = getattr(config, dialect.pinned_model) if dialect.pinned_model else dialect.asked_model(parsed)

@@ -6,11 +6,14 @@ turns pydantic's JSON Schema (2020-12) into OpenAPI 3.0's dialect, which the bun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from rest_bridge import models as m
+from rest_bridge.dialects import COHERE_V1, COHERE_V2, INFINITY, LEGACY_1, LEGACY_2, TEI
+from server import __version__
 
 _REF = "#/components/schemas/{model}"
 
@@ -79,7 +82,7 @@ def _json(name: str, description: str) -> dict[str, Any]:
 
 ERRORS = {
     "400": "Malformed JSON, a wrong type, or a rule broken (INVALID_ARGUMENT); names the field and the limit.",
-    "401": "The gRPC server wants an API key (UNAUTHENTICATED).",
+    "401": "The server has an API key and the request sent none, or a wrong one: send `Authorization: Bearer <key>`.",
     "403": "The API key was refused (PERMISSION_DENIED).",
     "413": "The body is larger than --max-body-bytes.",
     "404": "The body names a model the server does not serve (several loaded); the message lists them.",
@@ -99,12 +102,29 @@ HEADERS = [
 ]
 
 
-def _post(summary: str, description: str, request: str, response: str, error: str) -> dict[str, Any]:
+# Swagger UI groups operations by tag: one per dialect, named by its Dialect's name, plus the operational routes.
+OPERATIONS_TAG = "operations"
+TAGS = {
+    LEGACY_1: "bge-reranker-base-api's `POST /bge-reranker-base/post`, unchanged.",
+    LEGACY_2.name: "fc3-bge-reranker-api's `POST /rerank` `{query, compare_to}` (its README spells it `/reank`).",
+    TEI.name: "Text Embeddings Inference: `POST /rerank` `{query, texts}`, `GET /info`.",
+    INFINITY.name: "Infinity: `POST /rerank` `{query, documents}`, `GET /models`.",
+    COHERE_V1.name: "Cohere's v1 rerank, also Jina's shape.",
+    COHERE_V2.name: "Cohere's v2 rerank.",
+    OPERATIONS_TAG: "Health, the model list, this page. Health and the pages need no API key.",
+}
+NO_KEY: list[dict[str, list[str]]] = []  # an operation's `security` when the API key does not apply
+
+
+def _post(
+    summary: str, description: str, request: str, response: str, error: str, tags: Sequence[str] = ()
+) -> dict[str, Any]:
     errors = {status: _json(error, text) for status, text in ERRORS.items()}
     if error == "LegacyPostResponse":  # legacy 1 answers a bad request with HTTP 200 and its envelope
         del errors["400"]
     return {
         "post": {
+            "tags": list(tags),
             "summary": summary,
             "description": description,
             "parameters": HEADERS,
@@ -114,8 +134,23 @@ def _post(summary: str, description: str, request: str, response: str, error: st
     }
 
 
-def _get(summary: str, response: str, description: str, **others: dict[str, Any]) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": _json(response, description), **others}}}
+def _get(
+    summary: str, response: str, description: str, tags: Sequence[str] = (OPERATIONS_TAG,), **others: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "get": {"tags": list(tags), "summary": summary, "responses": {"200": _json(response, description), **others}}
+    }
+
+
+def _legacy_spelling(item: dict[str, Any], of: str, by: str, tag: str) -> dict[str, Any]:
+    """`item` (a path's operations) again under a legacy path: deprecated, under `tag`, pointing at the path to use."""
+    marked = {}
+    for method, op in item.items():
+        note = f"**Legacy spelling** of `{method.upper()} {of}`, kept for {by}; new callers use `{of}`."
+        summary = f"Legacy spelling of {of}: {op['summary']}"
+        marked[method] = {**op, "summary": summary, "description": f"{note}\n\n{op['description']}"}
+        marked[method] |= {"tags": [tag], "deprecated": True}
+    return marked
 
 
 RERANK = _post(
@@ -128,25 +163,34 @@ RERANK = _post(
     "RerankRequest",
     "RerankResponse",
     "Error",
+    tags=(LEGACY_2.name, TEI.name, INFINITY.name),
 )
 
-MODELS = _get(
-    "The loaded models (OpenAI/Infinity list shape); the first is the server's default",
-    "ModelList",
-    "From the gRPC GetModelInfo.",
-    **{status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")},
+UPSTREAM_ERRORS = {status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")}
+
+
+def _models(tags: Sequence[str]) -> dict[str, Any]:
+    return _get(
+        "The loaded models (OpenAI/Infinity list shape); the first is the server's default",
+        "ModelList",
+        "From the gRPC GetModelInfo.",
+        tags,
+        **UPSTREAM_ERRORS,
+    )
+
+
+DESCRIPTION = (
+    "JSON over HTTP in front of the `reranker.v1.Reranker` gRPC service: the two legacy services' endpoints, TEI's "
+    "and Infinity's `/rerank`, Cohere's `/v1/rerank` (also Jina's) and `/v2/rerank`. Every route calls the same "
+    "gRPC `Rerank`.\n\n**API key.** When the server runs with `--api-key` (`RERANKER_API_KEY`), every route but "
+    "`/health` and these pages needs the header `Authorization: Bearer <key>` (the **Authorize** button sends it "
+    "from this page); the bridge forwards it to the gRPC server as metadata. Without a key, any value or none works."
 )
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
-    "info": {
-        "title": "Reranker REST bridge",
-        "version": "1.1.0",
-        "description": "JSON over HTTP in front of the `reranker.v1.Reranker` gRPC service: the two legacy "
-        "services' endpoints, TEI's and Infinity's `/rerank`, Cohere's `/v1/rerank` (also Jina's) and "
-        "`/v2/rerank`. Every route calls the same gRPC `Rerank`. An `Authorization` header is forwarded as "
-        "gRPC metadata.",
-    },
+    "info": {"title": "Reranker REST bridge", "version": __version__, "description": DESCRIPTION},
+    "security": [{"bearer": []}],
     "paths": {
         "/bge-reranker-base/post": _post(
             "Legacy 1 (bge-reranker-base-api): raw logits",
@@ -159,9 +203,12 @@ OPENAPI: dict[str, Any] = {
             "LegacyPostRequest",
             "LegacyPostResponse",
             "LegacyPostResponse",
+            tags=(LEGACY_1,),
         ),
         "/rerank": RERANK,
-        "/reank": RERANK,
+        "/reank": _legacy_spelling(
+            RERANK, "/rerank", "fc3-bge-reranker-api's callers (its README spells it so)", LEGACY_2.name
+        ),
         "/v1/rerank": _post(
             "Cohere v1 (and Jina) rerank",
             "Results best first, cut to `top_n`. Scores are sigmoid in [0, 1] unless `raw_scores` is true. "
@@ -171,6 +218,7 @@ OPENAPI: dict[str, Any] = {
             "CohereV1RerankRequest",
             "CohereV1RerankResponse",
             "CohereError",
+            tags=(COHERE_V1.name,),
         ),
         "/v2/rerank": _post(
             "Cohere v2 rerank",
@@ -179,14 +227,16 @@ OPENAPI: dict[str, Any] = {
             "CohereV2RerankRequest",
             "CohereV2RerankResponse",
             "CohereError",
+            tags=(COHERE_V2.name,),
         ),
-        "/v1/models": MODELS,
-        "/models": MODELS,
+        "/v1/models": _models((OPERATIONS_TAG,)),
+        "/models": _models((INFINITY.name,)),
         "/info": _get(
             "The served model and limits, in TEI's shape",
             "TeiInfo",
             "From the gRPC GetModelInfo.",
-            **{status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")},
+            (TEI.name,),
+            **UPSTREAM_ERRORS,
         ),
         "/health": _get(
             "Health: 200 only while the gRPC server reports SERVING for `reranker.v1.Reranker`",
@@ -196,17 +246,50 @@ OPENAPI: dict[str, Any] = {
         ),
         "/": {
             "get": {
+                "tags": [OPERATIONS_TAG],
                 "summary": "Redirect to /docs",
                 "responses": {"302": {"description": "Redirect to the Swagger UI at /docs."}},
             }
         },
         "/docs": {
             "get": {
+                "tags": [OPERATIONS_TAG],
                 "summary": "Swagger UI",
                 "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}},
             }
         },
         "/openapi.json": _get("This document", "OpenApiDocument", "The OpenAPI 3 document."),
     },
-    "components": {"schemas": _components()},
+    "components": {
+        "schemas": _components(),
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The server's API key (`--api-key`, `RERANKER_API_KEY`), sent as `Authorization: "
+                "Bearer <key>`. Needed only when the server has one.",
+            }
+        },
+    },
 }
+for _path in ("/health", "/", "/docs", "/openapi.json"):  # what the server's API key never guards
+    for _op in OPENAPI["paths"][_path].values():
+        _op["security"] = NO_KEY
+_used = [tag for item in OPENAPI["paths"].values() for op in item.values() for tag in op.get("tags", ())]
+OPENAPI["tags"] = [{"name": t, "description": TAGS.get(t, "")} for t in dict.fromkeys(_used)]
+# One dialect per route, where a route has one: what its requests are counted under before the body says more.
+ROUTE_DIALECTS = {
+    path: op["tags"][0]
+    for path, item in OPENAPI["paths"].items()
+    for op in item.values()
+    if len(op["tags"]) == 1 and op["tags"] != [OPERATIONS_TAG]
+}
+
+
+def document(models: Sequence[str]) -> dict[str, Any]:
+    """OPENAPI with the loaded models (one line each, from GetModelInfo) added to its description."""
+    if not models:
+        served = "**Models:** not known yet (the gRPC server is loading or cannot be reached; reload this page)."
+    else:
+        served = "**Models** (the first is the default):\n" + "\n".join(f"- {line}" for line in models)
+    return {**OPENAPI, "info": {**OPENAPI["info"], "description": f"{DESCRIPTION}\n\n{served}"}}

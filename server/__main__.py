@@ -15,27 +15,28 @@ def _early_signal(signum: int, frame: object) -> None:
     raise SystemExit(0)  # nothing is served yet: nothing to drain
 
 
-if __name__ == "__main__":  # first of all: the imports below take seconds, and SIGHUP's default action kills
+if __name__ == "__main__":  # first of all: loading takes seconds, and SIGHUP's default action kills
     for _sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(_sig, _early_signal)
 
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from server import tracing  # noqa: E402
-from server.app import RerankServer  # noqa: E402
 from server.config import Config, ConfigError, load_config  # noqa: E402
 from server.logs import setup_logging  # noqa: E402
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("server")
 
 
-async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
+async def _start_bridge(config: Config, grpc_target: str, registry: CollectorRegistry | None = None) -> web.AppRunner:
     """The REST bridge in this event loop: HTTPS with the server's certificate when TLS is on.
 
     It calls this server over a Unix socket only this user can open, so it needs no client certificate of its
@@ -57,9 +58,11 @@ async def _start_bridge(config: Config, grpc_target: str) -> web.AppRunner:
         tls_cert=config.tls_cert,
         tls_key=config.tls_key,
         tls_client_ca=config.tls_client_ca,
+        api_key=config.api_key,  # for the docs page's model list; callers still send their own
         tracing=config.tracing,
     )
-    runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s)
+    # Its reranker_rest_* metrics join the server's, on --metrics-port.
+    runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s, registry=registry)
     return runner
 
 
@@ -69,6 +72,8 @@ async def _stop_bridge(runner: web.AppRunner | None) -> None:
 
 
 async def serve(config: Config) -> int:
+    from server.app import RerankServer  # torch and FlagEmbedding: seconds, so only once the flags are good
+
     server = RerankServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,7 +89,7 @@ async def serve(config: Config) -> int:
         await server.stop(0)
         return 1
     try:
-        bridge = await _start_bridge(config, server.local_target) if config.rest_port else None
+        bridge = await _start_bridge(config, server.local_target, server.metrics.registry) if config.rest_port else None
     except OSError as exc:  # e.g. the REST port is taken
         log.error("cannot start: REST bridge on %s:%d: %s", config.host, config.rest_port, exc)
         await server.stop(0)
@@ -116,8 +121,24 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def _openmp_waits_passively() -> None:
+    """torch's OpenMP threads sleep when they run out of work instead of spinning (unless the caller says otherwise).
+
+    Spinning threads burn the time slice a preempted one needs at every barrier: on 2 shared cores the tiny model
+    took 186 ms a call instead of 8, and 1.2 s beside two busy processes (bench/threads.py). libgomp reads this
+    once, when torch loads.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main() -> None:
-    config = load_config()
+    try:
+        config = load_config()  # before torch is imported: --help, --version and mistakes answer at once
+    except ConfigError as exc:  # a bad RERANKER_* value (a bad flag already exited, in one line too)
+        print(f"python -m server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _openmp_waits_passively()
     setup_logging(config.log_level, config.log_json)
     if config.tracing:
         try:

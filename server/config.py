@@ -8,7 +8,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
+from typing import NoReturn
 
+from server import __version__
 from server.tracing import wanted as tracing_wanted
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
@@ -61,7 +63,7 @@ class Config:
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
     max_text_chars: int = 20000
-    threads: int = 0  # torch intra-op threads; 0 = one per core
+    threads: int = 0  # torch intra-op threads on CPU; 0 = half the cores this process may use, at least 1
     grace_s: float = 10.0
     log_level: str = "INFO"
     rest_port: int = 0  # REST bridge in the same process; 0 = off
@@ -187,6 +189,36 @@ class Config:
     def tokenize_thread_count(self) -> int:
         return self.tokenize_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
 
+    @property
+    def torch_threads(self) -> int:
+        """--threads, or for 0 half the cores this process may use (see usable_cpus), at least 1.
+
+        The other half is left to the tokenizing threads (also half by default), the event loop and any neighbour:
+        a forward pass in N threads waits at every barrier for the slowest, so on busy cores fewer threads answer
+        sooner (bench/threads.py).
+        """
+        return self.threads or max(1, usable_cpus() // 2)
+
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, capped by its cgroup's CPU limit (docker --cpus, Kubernetes).
+
+    os.cpu_count() counts the host's cores: in a 2-CPU container on a 64-core node, 64 torch threads would share
+    2 cores' worth of time and stall each other at every barrier.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX, encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))  # rounded up: 1.5 CPUs -> 2 threads
+    except (OSError, ValueError):  # no cgroup v2 here, or a file we cannot read: the affinity alone
+        pass
+    return cpus
+
 
 def _env_name(field: str) -> str:
     return "RERANKER_" + field.upper()
@@ -230,19 +262,28 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
         else:
             try:
                 values[f.name] = type(default)(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from None
+            except ValueError:
+                wanted = {int: "an integer", float: "a number"}.get(type(default), "valid")
+                raise ConfigError(f"{_env_name(f.name)}={raw!r}: not {wanted}") from None
     return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line: the usage of 40-odd flags would bury the one that is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The server's flags; every default comes from RERANKER_* environment variables."""
     d = _env_defaults(os.environ if env is None else env)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m server",
         description="gRPC reranking service (FlagEmbedding cross-encoders). "
         "Every flag defaults to the RERANKER_<FLAG> environment variable, e.g. RERANKER_MODEL.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument(
         "--model",
         action="append",
@@ -315,7 +356,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--max-candidates", type=int, default=d["max_candidates"], help="candidates or pairs per request (%(default)s)"
     )
     p.add_argument("--max-text-chars", type=int, default=d["max_text_chars"], help="characters per text (%(default)s)")
-    p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads; 0 = all cores (%(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d["threads"],
+        help="torch CPU threads; 0 = half the cores this process may use (its CPU affinity and cgroup limit), "
+        "at least 1 (%(default)s)",
+    )
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
     p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")
     p.add_argument(
@@ -433,5 +480,13 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:
-        parser.error(str(exc))
+        parser.error(_as_flag(str(exc)))
         raise  # unreachable: parser.error exits
+
+
+def _as_flag(message: str) -> str:
+    """'max_length must be ...' -> '--max-length (RERANKER_MAX_LENGTH) must be ...': the names a user typed."""
+    name, sep, rest = message.partition(" ")
+    if sep and name in {f.name for f in fields(Config)}:
+        return f"--{name.replace('_', '-')} ({_env_name(name)}) {rest}"
+    return message

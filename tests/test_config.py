@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from server import __version__
+from server import config as config_module
 from server.config import DEFAULT_MODEL, Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults() -> None:
@@ -45,10 +52,12 @@ def test_invalid_config_is_refused(kwargs: dict[str, object], message: str) -> N
         Config(**kwargs)  # type: ignore[arg-type]
 
 
-def test_bad_flag_exits_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+def test_bad_flag_exits_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
         load_config(["--max-candidates", "0"], env={})
-    assert "max_candidates must be positive" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-candidates (RERANKER_MAX_CANDIDATES) must be positive" in err
 
 
 def test_batch_budgets_default_to_the_device(engine: object, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,3 +89,79 @@ def test_tokenize_workers_auto_fits_the_device(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
         assert worker_count(-1, True) == workers, cpus
         assert worker_count(0, True) == 0 and worker_count(5, False) == 5
+
+
+def _server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m server ARGS`, with Python reporting every module it imports (-X importtime)."""
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "server", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def _said(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("import time:")]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "message"),
+    [
+        (["--help"], {}, 0, None),
+        (["--version"], {}, 0, None),
+        (["--max-lenght", "10"], {}, 2, "python -m server: error: unrecognized arguments: --max-lenght 10"),
+        (["--port", "x"], {}, 2, "argument --port: invalid int value: 'x'"),
+        (["--max-candidates", "0"], {}, 2, "--max-candidates (RERANKER_MAX_CANDIDATES) must be positive, got 0"),
+        (
+            [],
+            {"RERANKER_FP16": "maybe"},
+            2,
+            "RERANKER_FP16='maybe': not a boolean: use 1/true/yes/on or 0/false/no/off",
+        ),
+        ([], {"RERANKER_PORT": "many"}, 2, "python -m server: error: RERANKER_PORT='many': not an integer"),
+    ],
+)
+def test_the_command_line_answers_before_torch_is_imported(
+    args: list[str], env: dict[str, str], code: int, message: str | None
+) -> None:
+    """--help, --version and every configuration error come from the flags alone: no torch, one line for errors."""
+    proc = _server(*args, env=env)
+    assert proc.returncode == code, proc.stderr
+    assert not {m for m in _imported(proc.stderr) if m.split(".")[0] in ("torch", "FlagEmbedding", "transformers")}
+    if message is None:
+        assert proc.stdout.startswith(
+            "usage: python -m server" if args == ["--help"] else f"python -m server {__version__}"
+        )
+    else:
+        (line,) = _said(proc.stderr)  # one line, no usage block, no traceback
+        assert message in line, line
+
+
+def test_python_m_clients_names_itself() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "clients", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m clients "), proc.stdout
+
+
+def test_torch_threads_default_to_the_cores_this_process_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0: half the CPU affinity, capped by a cgroup v2 CPU limit (rounded up), at least 1; a number as given."""
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(config_module, "CGROUP_CPU_MAX", str(cpu_max))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    for text, cpus in [(None, 64), ("max 100000", 64), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1)]:
+        if text is None:
+            cpu_max.unlink(missing_ok=True)
+        else:
+            cpu_max.write_text(text + "\n")
+        assert config_module.usable_cpus() == cpus, text
+        assert Config().torch_threads == max(1, cpus // 2) and Config(threads=3).torch_threads == 3

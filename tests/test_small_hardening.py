@@ -143,3 +143,7 @@ def test_the_offline_error_names_the_random_model_command(monkeypatch: pytest.Mo
     assert "cannot be reached" in message
     assert "python -m tools.make_model ./models/tiny --shape tiny" in message
     assert "python -m server --model ./models/tiny" in message
+    # The download command is one the pinned huggingface-hub installs (it dropped huggingface-cli).
+    assert "`hf download nobody/no-such-reranker --local-dir ./models/no-such-reranker`" in message
+    hf = Path(sys.executable).with_name("hf")
+    assert subprocess.run([str(hf), "download", "--help"], capture_output=True, timeout=60).returncode == 0

@@ -13,7 +13,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -262,7 +261,7 @@ class LLMRerankerModel:
         self.dtype = "float16" if self.fp16 else "float32"
         self.max_length = config.max_length
         if not on_cuda:
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads)
         return snapshot
 
     def refuse(self, o: Options) -> str | None:

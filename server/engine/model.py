@@ -70,9 +70,10 @@ def pick_device(requested: str) -> str:
 
 def _offline_help(model: str) -> str:
     return (
-        f"To run offline, download the model once (e.g. `git clone https://huggingface.co/{model}` "
-        "with git-lfs, or `huggingface-cli download` on a connected machine) and start the server with "
-        "--model /path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
+        f"To run offline, download the model once on a connected machine (`hf download {model} --local-dir "
+        f"./models/{model.rsplit('/', 1)[-1]}`, the command huggingface-hub installs, or `git clone "
+        f"https://huggingface.co/{model}` with git-lfs) and start the server with --model "
+        "/path/to/that/directory (or RERANKER_MODEL=/path/to/that/directory). To try the service "
         "without any download, build a random-weight model (its scores mean nothing): "
         "`python -m tools.make_model ./models/tiny --shape tiny`, then `python -m server --model ./models/tiny`."
     )
@@ -281,7 +282,7 @@ class RerankerModel:
         self.dtype = "float16" if self.fp16 else "float32"
         self.max_length = config.max_length
         if not on_cuda:
-            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.torch_threads)
         self.path = path = resolve_model_path(model)
         snapshot = Snapshot(path)
         self.revision = revision(path)
