@@ -1,13 +1,14 @@
 """What tracing costs: the 16-client workload against servers with tracing off and on, alternating; and the hooks'
 own cost when off, per call.
 
-`python -m bench.tracing [--rounds 10] [--repeat 5] [--rest] [--baseline TREE]`
+`python -m bench.tracing [--rounds 10] [--repeat 5] [--rest] [--shape tiny|base] [--baseline TREE]`
 
-Servers (`python -m server`, tiny random-weight model, each in its own process, all started before the first run and
-idle while another is measured):
+Servers (`python -m server`, a random-weight model (tiny unless --shape), each in its own process, all started
+before the first run and idle while another is measured):
 - off: no OTEL_* variables, as deployed by default;
 - on: OTEL_TRACES_EXPORTER=otlp to an OTLP receiver in this process (bench/otlp_sink.py, standing in for a Collector
   on the same node), every request sampled (a root span each: parentbased_always_on), the SDK's batch processor;
+- on 10%: the same, one request in ten sampled (parentbased_traceidratio, 0.1);
 - baseline (with --baseline TREE): the server of another checkout, e.g. the commit before tracing, with no OTEL_*.
 
 Each repetition runs the workload once against every server, in a rotating order, so drift on a shared machine falls
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="requests per client per run (%(default)s)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per server (%(default)s)")
     parser.add_argument("--rest", action="store_true", help="also drive the same load through the REST bridge")
+    parser.add_argument("--shape", default="tiny", help="the random-weight model's shape: tiny (default) or base")
     parser.add_argument("--baseline", help="a checkout to run a third server from (tracing off), e.g. the old commit")
     parser.add_argument("--spans", nargs=2, metavar=("EXPORTER", "PORT"), help=argparse.SUPPRESS)  # a child's part
     args = parser.parse_args()
@@ -152,7 +154,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "bench.tracing", "--spans", exporter, str(sink_port)]
         us = subprocess.run(cmd, cwd=ROOT, env=os.environ | ENV, capture_output=True, text=True, check=True).stdout
         print(f"  {'made, not exported' if exporter == 'none' else 'exported over OTLP'}: {us.strip()}", flush=True)
-    model = model_dir("tiny", None)
+    sink.count = 0  # from here on, the servers' spans only
+    model = model_dir(args.shape, None)
     load = build_workloads(model, {"big": 1, "clients": 16, "rounds": args.rounds, "mixed": 1})[1]
     on = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -160,7 +163,8 @@ def main() -> None:
         "OTEL_SERVICE_NAME": "reranker-bench",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
-    variants = {"off": (str(ROOT), {}), "on": (str(ROOT), on)}
+    tenth = on | {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    variants = {"off": (str(ROOT), {}), "on": (str(ROOT), on), "on 10%": (str(ROOT), tenth)}
     if args.baseline:
         variants = {"baseline": (args.baseline, {}), **variants}
     results: dict[str, list[dict[str, Any]]] = {}
@@ -188,7 +192,7 @@ def main() -> None:
                         flush=True,
                     )
         time.sleep(6)  # the SDK's batch processor exports every 5 s
-    print(f"\nmedians of {args.repeat} runs, 16 clients x {args.rounds} requests of 1 x 10 (tiny model):")
+    print(f"\nmedians of {args.repeat} runs, 16 clients x {args.rounds} requests of 1 x 10 ({args.shape} model):")
     for key, runs in results.items():
         pairs = statistics.median(r["pairs_per_s"] for r in runs)
         p50 = statistics.median(r["p50_ms"] for r in runs)
@@ -196,7 +200,8 @@ def main() -> None:
         cpu = statistics.median(r["cpu_ms"] for r in runs)
         print(f"  {key}: {pairs:,.0f} pairs/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, server CPU {cpu:.2f} ms per request")
     sent = (args.repeat + 1) * (load.clients * args.rounds + load.clients) * len(paths)  # + warm-up, + connecting
-    print(f"spans received from 'on': {sink.count:,}, about {sink.count / sent:.1f} per request")
+    per = sink.count / (sent * 1.1)  # 'on 10%' samples about one request in ten
+    print(f"spans received from 'on' and 'on 10%': {sink.count:,}, about {per:.1f} per sampled request")
 
 
 if __name__ == "__main__":
