@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="a checkout to run a third server from (tracing off), e.g. the old commit")
     parser.add_argument("--spans", nargs=2, metavar=("EXPORTER", "PORT"), help=argparse.SUPPRESS)  # a child's part
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind: the servers started below are stopped by pid
     if args.spans:
         print(f"{request_spans_us(args.spans[0], int(args.spans[1])):.0f}")
         return
