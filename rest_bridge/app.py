@@ -16,6 +16,7 @@ from rest_bridge.errors import CONFIG_KEY, error_middleware
 from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, guard_routes, server_header, ssl_context
 from rest_bridge.metrics import RestMetrics
 from rest_bridge.openapi import document
+from rest_bridge.routes import add_routes
 from server import tracing
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,7 @@ def create_app(config: BridgeConfig, registry: CollectorRegistry | None = None) 
 
     app.cleanup_ctx.append(upstream)
     app.router.add_post("/bge-reranker-base/post", handlers.legacy_post, name="legacy_post")
-    app.router.add_post("/rerank", handlers.rerank)  # legacy 2, TEI and Infinity
-    app.router.add_post("/reank", handlers.rerank)  # the spelling legacy 2's README documents
-    app.router.add_post("/v1/rerank", handlers.v1_rerank)
-    app.router.add_post("/v2/rerank", handlers.v2_rerank)
+    add_routes(app.router)  # every rerank and score dialect (rest_bridge/routes.py)
     app.router.add_get("/info", handlers.info)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/models", handlers.models)  # Infinity's path

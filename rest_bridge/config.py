@@ -21,6 +21,7 @@ class BridgeConfig:
     log_level: str = "INFO"
     legacy1_model: str = ""  # the model legacy 1's route asks for; "" = the server's default
     legacy2_model: str = ""  # the model legacy 2's routes ask for; "" = the server's default
+    auto_truncate: bool = True  # TEI's --auto-truncate: a /rerank TEI body without `truncate` truncates
     # Slow and vanished clients (rest_bridge/guard.py).
     header_timeout_s: float = 10.0  # connect (or end of the last response) to complete request headers
     body_timeout_s: float = 30.0  # complete headers to the whole body
@@ -81,6 +82,7 @@ ENV_NAMES = {
     "log_level": "RERANKER_LOG_LEVEL",
     "legacy1_model": "RERANKER_LEGACY1_MODEL",
     "legacy2_model": "RERANKER_LEGACY2_MODEL",
+    "auto_truncate": "RERANKER_REST_AUTO_TRUNCATE",
     "header_timeout_s": "RERANKER_REST_HEADER_TIMEOUT_S",
     "body_timeout_s": "RERANKER_REST_BODY_TIMEOUT_S",
     "max_connections": "RERANKER_REST_MAX_CONNECTIONS",
@@ -105,6 +107,7 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING, ERROR",
     "legacy1_model": "model that scores POST /bge-reranker-base/post; empty = the server's default",
     "legacy2_model": "model that scores legacy 2's POST /rerank {query, compare_to}; empty = the server's default",
+    "auto_truncate": "true/false: what a TEI /rerank body without truncate does: truncate, or refuse an over-long text",
     "header_timeout_s": "seconds from connecting (or the last response) to complete request headers",
     "body_timeout_s": "seconds to receive the whole request body once the headers are in; then 408",
     "max_connections": "open connections; past it new ones get 503 at once",
@@ -121,6 +124,15 @@ HELP = {
 }
 
 
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean: use 1/true/yes/on or 0/false/no/off")
+
+
 def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> BridgeConfig:
     """Parse flags (falling back to RERANKER_* variables) into a BridgeConfig."""
     env = os.environ if env is None else env
@@ -131,7 +143,7 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
     for f in fields(BridgeConfig):
         if f.name == "tracing":  # no flag: the OTEL_* variables say
             continue
-        kind = type(f.default)
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
         raw = env.get(ENV_NAMES[f.name], "")
         try:
             default = kind(raw) if raw else f.default

@@ -34,6 +34,8 @@ DEADLINE_SETTING = (
 )
 
 TEXT_PAIRS_KEY = web.RequestKey("text_pairs_raw", object)  # legacy 1's text_pairs as received, echoed on failure
+ErrorShape = Callable[[int, str], tuple[int, dict[str, Any]]]  # (HTTP status, message) -> (status, JSON body)
+ERROR_SHAPE_KEY = web.RequestKey("error_shape", object)  # the dialect's own error shape, once the route or body says
 CONFIG_KEY = web.AppKey("bridge_config", BridgeConfig)
 # For the metrics: the dialect, once a handler knows it (POST /rerank: from the body), and the status an error had
 # where the answer says otherwise (legacy 1 answers a bad request with HTTP 200 and code -1).
@@ -112,14 +114,25 @@ def payload_error(exc: RequestPayloadError) -> str:
     return "the request body is malformed (its chunked Transfer-Encoding or its length)"
 
 
+def generic_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": message, "status": status}
+
+
+def cohere_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"message": message}
+
+
 def error_body(request: web.Request, status: int, message: str) -> tuple[int, dict[str, Any]]:
+    shape = request.get(ERROR_SHAPE_KEY)
+    if callable(shape):
+        return shape(status, message)
     if request.match_info.route.name == "legacy_post":
         # The legacy envelope; HTTP 200 for what the original answered with 200, the real status otherwise.
         body = {"text_pairs": request.get(TEXT_PAIRS_KEY), "rerank_scores": [], "code": -1, "error": message}
         return (200 if status == 400 else status), body
     if request.path.startswith(COHERE_PREFIXES):
-        return status, {"message": message}
-    return status, {"error": message, "status": status}
+        return cohere_error(status, message)
+    return generic_error(status, message)
 
 
 @web.middleware

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -15,10 +16,14 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from rest_bridge.channel import open_channel
 from rest_bridge.config import BridgeConfig
-from rest_bridge.dialects import COHERE_V1, COHERE_V2, Dialect, rerank_dialect
-from rest_bridge.errors import DIALECT_KEY, TEXT_PAIRS_KEY, BadRequest
+from rest_bridge.dialects import Dialect
+from rest_bridge.errors import DIALECT_KEY, ERROR_SHAPE_KEY, TEXT_PAIRS_KEY, BadRequest, ErrorShape
 from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
+from rest_bridge.recognise import choose
 from rest_bridge.tracing import trace_metadata
+from rest_bridge.truncation import refused
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 MODELS_TTL_S = 10.0  # how long the bridge trusts its copy of the server's model list
@@ -42,6 +47,7 @@ class Upstream:
         self.reranker = pb_grpc.RerankerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._models: tuple[float, list[str]] = (0.0, [])  # (when read, the server's loaded models)
+        self._max_length: dict[str, tuple[float, int]] = {}  # model -> (when read, its pair limit in tokens)
 
     async def models(self, metadata: list[tuple[str, str]], fresh: bool = False) -> list[str]:
         """The server's loaded models (the first is its default), read at most every MODELS_TTL_S."""
@@ -69,6 +75,17 @@ class Upstream:
             if name in models:
                 return name
         raise BadRequest(f"model {name!r} is not served here; loaded models: {', '.join(models)}", status=404)
+
+    async def max_length(self, model: str, metadata: list[tuple[str, str]]) -> int:
+        """A model's pair limit in tokens (what max_length 0 means), read at most every MODELS_TTL_S."""
+        read_at, limit = self._max_length.get(model, (0.0, 0))
+        if not limit or time.monotonic() - read_at > MODELS_TTL_S:
+            info = await self.reranker.GetModelInfo(
+                pb.GetModelInfoRequest(model=model), timeout=min(5.0, self.config.deadline_s), metadata=metadata
+            )
+            limit = info.max_length
+            self._max_length[model] = (time.monotonic(), limit)
+        return limit
 
     async def described_models(self) -> list[str]:
         """A line per served model for the docs page (name, family, device, dtype); [] when the server cannot say.
@@ -147,11 +164,25 @@ def _request_id(request: web.Request) -> str:
 
 
 async def _serve(request: web.Request, dialect: Dialect[Any], body: dict[str, Any]) -> web.Response:
+    request[ERROR_SHAPE_KEY] = dialect.error
     request[DIALECT_KEY] = dialect.name
     parsed = parse(dialect.model, body)
-    config = _upstream(request).config
-    model = getattr(config, dialect.pinned_model) if dialect.pinned_model else dialect.asked_model(parsed)
-    resp = await _rerank(request, dialect.request(parsed), model)
+    up = _upstream(request)
+    metadata = _metadata(request)
+    asked = request.match_info.get("model") or dialect.asked_model(parsed)  # NIM's per-model path names it
+    req = dialect.request(parsed, up.config)
+    req.model = await up.route(getattr(up.config, dialect.pinned_model) if dialect.pinned_model else asked, metadata)
+    if dialect.limits is not None:
+        dialect.limits(parsed, await up.max_length(req.model, metadata))
+    try:
+        resp = await up.reranker.Rerank(req, timeout=up.config.deadline_s, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        index = refused(req, exc)
+        if index is None or dialect.too_long is None:
+            raise
+        limit = req.max_length or await up.max_length(req.model, metadata)
+        status, message = dialect.too_long(parsed, index, limit)
+        raise BadRequest(message, status=status) from None
     return web.json_response(dialect.answer(parsed, resp, _request_id(request)))
 
 
@@ -177,23 +208,24 @@ async def legacy_post(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-# ---------------------------------------------------------------- POST /rerank: legacy 2, TEI, Infinity; Cohere
+# ---------------------------------------------------------------- every rerank and score route
 
 
-async def rerank(request: web.Request) -> web.Response:
-    """POST /rerank (and legacy 2's /reank): legacy 2, TEI or Infinity, told apart by the body's keys."""
-    body = await _read_object(request)
-    return await _serve(request, rerank_dialect(body), body)
+def dialect_route(
+    candidates: Callable[[dict[str, Any]], Sequence[Dialect[Any]]], shape: ErrorShape | None = None
+) -> Handler:
+    """A route's handler: the body's dialect among `candidates(body)` (the first fitting one), then `_serve`.
 
+    `shape`: the error body until the dialect is known (a path of one dialect's own), else the path's default.
+    """
 
-async def v1_rerank(request: web.Request) -> web.Response:
-    """POST /v1/rerank: Cohere v1 (and Jina)."""
-    return await _serve(request, COHERE_V1, await _read_object(request))
+    async def handle(request: web.Request) -> web.Response:
+        if shape is not None:
+            request[ERROR_SHAPE_KEY] = shape
+        body = await _read_object(request)
+        return await _serve(request, choose(candidates(body), body), body)
 
-
-async def v2_rerank(request: web.Request) -> web.Response:
-    """POST /v2/rerank: Cohere v2."""
-    return await _serve(request, COHERE_V2, await _read_object(request))
+    return handle
 
 
 # ---------------------------------------------------------------- operations
@@ -244,7 +276,7 @@ async def info(request: web.Request) -> web.Response:
         "max_batch_tokens": resp.batch_size * resp.max_length,
         "max_batch_requests": None,
         "max_client_batch_size": resp.limits.max_candidates,
-        "auto_truncate": False,
+        "auto_truncate": up.config.auto_truncate,
         "tokenization_workers": 1,
         "version": resp.version,
         "sha": None,

@@ -134,6 +134,8 @@ def _describe(error: Any) -> str:
         return f"{where} must be {_EXPECTED[kind_]}, got {kind(error['input'])}"
     if kind_ == "greater_than_equal":
         return f"{where} must be at least {ctx['ge']}, got {error['input']}"
+    if kind_ == "less_than_equal":
+        return f"{where} must be at most {ctx['le']}, got {error['input']}"
     if kind_ == "literal_error":
         return f"{where} must be one of {ctx['expected']}, got {json.dumps(error['input'])}"
     message = error["msg"] if kind_ == "bridge" else error["msg"][0].lower() + error["msg"][1:]
@@ -192,7 +194,9 @@ class TeiInfo(TypedDict):
     max_batch_tokens: Annotated[int, Field(description="batch_size x max_length (--max-batch-tokens may cap it).")]
     max_batch_requests: int | None
     max_client_batch_size: Annotated[int, Field(description="Texts per request (--max-candidates).")]
-    auto_truncate: Annotated[bool, Field(description="false: an over-long text is cut into windows unless truncate.")]
+    auto_truncate: Annotated[
+        bool, Field(description="What /rerank's TEI body does without `truncate` (--auto-truncate).")
+    ]
     tokenization_workers: int
     version: str
     sha: str | None
@@ -281,10 +285,15 @@ class TeiRerankRequest(_Request):
     raw_scores: bool = Field(False, description="Raw logits instead of sigmoid scores.")
     return_text: bool = Field(False, description="Copy each text into its result.")
     truncate: bool | None = Field(
-        False, description="true: cut a text too long for one pair; false: score its windows, keep the best."
+        None,
+        description="true: cut a text too long for one pair; false: refuse it (413), as TEI does; absent: the "
+        "bridge's --auto-truncate (true by default, as TEI's).",
     )
     truncation_direction: Literal["right", "left", "Right", "Left"] = Field(
         "right", description="With truncate: keep the start (right) or the end (left) of a long text."
+    )
+    max_chunks_per_doc: Annotated[int, Field(ge=1, le=2**32 - 1)] | None = Field(
+        None, description="An extension: score a long text by its best window, at most this many windows each."
     )
 
 
@@ -371,26 +380,36 @@ class CohereV1RerankRequest(_Request):
 
     @model_validator(mode="after")
     def _fields_present(self) -> CohereV1RerankRequest:
-        for i, doc in enumerate(self.documents):
-            if isinstance(doc, dict):
-                for name in self.rank_fields or ["text"]:
-                    if name not in doc:
-                        raise _verbatim(f'documents[{i}] is an object without "{name}"')
-                    _field_text(doc[name], f"documents[{i}].{name}")
+        check_fields(self.documents, self.rank_fields, "documents")
         return self
 
     def texts(self) -> list[str]:
         """The text ranked for each document."""
-        fields = self.rank_fields or ["text"]
-        out = []
-        for doc in self.documents:
-            if isinstance(doc, str):
-                out.append(doc)
-            elif len(fields) == 1:
-                out.append(_as_text(doc[fields[0]]))
-            else:
-                out.append("\n".join(f"{name}: {_as_text(doc[name])}" for name in fields))
-        return out
+        return ranked_texts(self.documents, self.rank_fields)
+
+
+def check_fields(docs: list[Any], rank_fields: list[str] | None, where: str) -> None:
+    """Every object in `docs` has the fields it is ranked on (`rank_fields`, default `text`)."""
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict):
+            for name in rank_fields or ["text"]:
+                if name not in doc:
+                    raise _verbatim(f'{where}[{i}] is an object without "{name}"')
+                _field_text(doc[name], f"{where}[{i}].{name}")
+
+
+def ranked_texts(docs: list[Any], rank_fields: list[str] | None) -> list[str]:
+    """The text ranked for each document: a string as is, an object's field, or several as 'field: value' lines."""
+    fields = rank_fields or ["text"]
+    out = []
+    for doc in docs:
+        if isinstance(doc, str):
+            out.append(doc)
+        elif len(fields) == 1:
+            out.append(_as_text(doc[fields[0]]))
+        else:
+            out.append("\n".join(f"{name}: {_as_text(doc[name])}" for name in fields))
+    return out
 
 
 def _as_text(value: Any) -> str:

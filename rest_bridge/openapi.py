@@ -7,31 +7,70 @@ turns pydantic's JSON Schema (2020-12) into OpenAPI 3.0's dialect, which the bun
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
 from pydantic import TypeAdapter
 
 from rest_bridge import models as m
+from rest_bridge import models_vendors as mo
+from rest_bridge import models_vllm as mv
 from rest_bridge.dialects import COHERE_V1, COHERE_V2, INFINITY, LEGACY_1, LEGACY_2, TEI
+from rest_bridge.dialects_vendors import MIXEDBREAD, NIM, VOYAGE
+from rest_bridge.dialects_vllm import VLLM_RERANK, VLLM_SCORE
+from rest_bridge.recognise import RERANK_LISTS, V1_RERANK, V2_RERANK, rerank_candidates
+from rest_bridge.routes import RERANK, ROUTES, Route
 from server import __version__
 
 _REF = "#/components/schemas/{model}"
+
+# Each dialect's request, answer and error body, named once as components.
+DIALECT_SCHEMAS: dict[str, tuple[str, str, str]] = {
+    "legacy 2": ("LegacyRerankRequest", "LegacyRerankResponse", "Error"),
+    "TEI": ("TeiRerankRequest", "TeiRerankResponse", "Error"),
+    "Infinity": ("InfinityRerankRequest", "InfinityRerankResponse", "Error"),
+    "Cohere v1": ("CohereV1RerankRequest", "CohereV1RerankResponse", "CohereError"),
+    "Cohere v2": ("CohereV2RerankRequest", "CohereV2RerankResponse", "CohereError"),
+    "vLLM rerank": ("VllmRerankRequest", "VllmRerankResponse", "VllmError"),
+    "vLLM score": ("VllmScoreRequest", "VllmScoreResponse", "VllmError"),
+    "Voyage": ("VoyageRerankRequest", "VoyageRerankResponse", "DetailError"),
+    "Mixedbread": ("MixedbreadRerankRequest", "MixedbreadRerankResponse", "DetailError"),
+    "NVIDIA NIM": ("NimRankingRequest", "NimRankingResponse", "NimError"),
+}
+# A shared path's union components: "Rerank" -> RerankRequest, RerankResponse, RerankError.
+SHARED = {RERANK.dialects: "Rerank", V1_RERANK: "V1Rerank", V2_RERANK: "V2Rerank"}
+
+
+def _declared(name: str) -> Any:
+    if name == "TeiRerankResponse":
+        return list[m.TeiRank]
+    return next(getattr(module, name) for module in (m, mv, mo) if hasattr(module, name))
+
+
+_TYPES = {name: _declared(name) for triple in DIALECT_SCHEMAS.values() for name in triple}
+
+
+def _union(names: list[str]) -> Any:
+    types = [_TYPES[n] for n in dict.fromkeys(names)]
+    return types[0] if len(types) == 1 else Union[tuple(types)]  # noqa: UP007 (a runtime union of types)
+
+
+def _shared_schemas() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dialects, prefix in SHARED.items():
+        for i, suffix in enumerate(("Request", "Response", "Error")):
+            out[prefix + suffix] = _union([DIALECT_SCHEMAS[d.name][i] for d in dialects])
+    return out
+
 
 # Component name -> the declared type (TypedDicts and lists are schemas too, so TypeAdapter for all).
 SCHEMAS: dict[str, Any] = {
     "LegacyPostRequest": m.LegacyPostRequest,
     "LegacyPostResponse": m.LegacyPostResponse,
-    "RerankRequest": m.LegacyRerankRequest | m.TeiRerankRequest | m.InfinityRerankRequest,
-    "RerankResponse": m.LegacyRerankResponse | list[m.TeiRank] | m.InfinityRerankResponse,
-    "CohereV1RerankRequest": m.CohereV1RerankRequest,
-    "CohereV1RerankResponse": m.CohereV1RerankResponse,
-    "CohereV2RerankRequest": m.CohereV2RerankRequest,
-    "CohereV2RerankResponse": m.CohereV2RerankResponse,
+    **_TYPES,
+    **_shared_schemas(),
     "TeiInfo": m.TeiInfo,
     "ModelList": m.ModelList,
     "Health": m.Health,
-    "Error": m.Error,
-    "CohereError": m.CohereError,
     "OpenApiDocument": dict[str, Any],
 }
 
@@ -111,13 +150,24 @@ TAGS = {
     INFINITY.name: "Infinity: `POST /rerank` `{query, documents}`, `GET /models`.",
     COHERE_V1.name: "Cohere's v1 rerank, also Jina's shape.",
     COHERE_V2.name: "Cohere's v2 rerank.",
+    VLLM_RERANK.name: "vLLM's rerank API: `/rerank`, `/v1/rerank`, `/v2/rerank` (told by its fields) and `/vllm/...`.",
+    VLLM_SCORE.name: "vLLM's score API: `/score`, `/v1/score` and `/vllm/...`.",
+    VOYAGE.name: "Voyage AI's rerank: `/v1/rerank`, `/rerank` (told by `top_k` or `truncation`), `/voyage/v1/rerank`.",
+    MIXEDBREAD.name: "Mixedbread's `POST /v1/reranking`.",
+    NIM.name: "NVIDIA's reranking NIM: `POST /v1/ranking` and `/v1/retrieval/{model}/reranking`.",
     OPERATIONS_TAG: "Health, the model list, this page. Health and the pages need no API key.",
 }
 NO_KEY: list[dict[str, list[str]]] = []  # an operation's `security` when the API key does not apply
 
 
 def _post(
-    summary: str, description: str, request: str, response: str, error: str, tags: Sequence[str] = ()
+    summary: str,
+    description: str,
+    request: str,
+    response: str,
+    error: str,
+    tags: Sequence[str] = (),
+    params: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     errors = {status: _json(error, text) for status, text in ERRORS.items()}
     if error == "LegacyPostResponse":  # legacy 1 answers a bad request with HTTP 200 and its envelope
@@ -127,7 +177,7 @@ def _post(
             "tags": list(tags),
             "summary": summary,
             "description": description,
-            "parameters": HEADERS,
+            "parameters": [*params, *HEADERS],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
             "responses": {"200": _json(response, "Scored."), **errors},
         }
@@ -153,18 +203,28 @@ def _legacy_spelling(item: dict[str, Any], of: str, by: str, tag: str) -> dict[s
     return marked
 
 
-RERANK = _post(
-    "Legacy 2, TEI or Infinity, told apart by the body's list",
-    "`compare_to` (legacy 2, fc3-bge-reranker-api): `{object: list, data}` with sigmoid scores in input order. "
-    "`texts` (Text Embeddings Inference): an array of `{index, score, text?}`, best first; sigmoid unless "
-    "`raw_scores`; a text too long for one pair is scored by its best window unless `truncate`. "
-    "`documents` (Infinity): `{object: rerank, results, model, usage, id, created}`, best first, cut to `top_n`. "
-    "A body with none of the three lists is a 400 naming them.",
-    "RerankRequest",
-    "RerankResponse",
-    "Error",
-    tags=(LEGACY_2.name, TEI.name, INFINITY.name),
-)
+MODEL_IN_PATH = {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+
+
+def _route(route: Route) -> dict[str, Any]:
+    """A rerank or score route's operation, from its dialects' declared schemas."""
+    if route.dialects in SHARED:
+        prefix = SHARED[route.dialects]
+        request, response, error = prefix + "Request", prefix + "Response", prefix + "Error"
+    else:
+        request, response, error = DIALECT_SCHEMAS[route.dialects[0].name]
+    params = [MODEL_IN_PATH] if "{model}" in route.path else []
+    # Swagger UI shows an operation under each of its tags: a shared path goes under its default dialect(s) only
+    # (/rerank: one per list key), the others it carries are named in its description and have paths of their own.
+    defaults = [group[0] for group in RERANK_LISTS.values()] if route.pick is rerank_candidates else route.dialects[:1]
+    tags = [d.name for d in defaults]
+    item = _post(route.summary, route.description, request, response, error, tags, params)
+    if route.path == "/reank":
+        return _legacy_spelling(
+            item, "/rerank", "fc3-bge-reranker-api's callers (its README spells it so)", LEGACY_2.name
+        )
+    return item
+
 
 UPSTREAM_ERRORS = {status: _json("Error", ERRORS[status]) for status in ("401", "403", "502", "503", "504")}
 
@@ -181,10 +241,12 @@ def _models(tags: Sequence[str]) -> dict[str, Any]:
 
 DESCRIPTION = (
     "JSON over HTTP in front of the `reranker.v1.Reranker` gRPC service: the two legacy services' endpoints, TEI's "
-    "and Infinity's `/rerank`, Cohere's `/v1/rerank` (also Jina's) and `/v2/rerank`. Every route calls the same "
-    "gRPC `Rerank`.\n\n**API key.** When the server runs with `--api-key` (`RERANKER_API_KEY`), every route but "
-    "`/health` and these pages needs the header `Authorization: Bearer <key>` (the **Authorize** button sends it "
-    "from this page); the bridge forwards it to the gRPC server as metadata. Without a key, any value or none works."
+    "and Infinity's `/rerank`, Cohere's `/v1/rerank` (also Jina's) and `/v2/rerank`, vLLM's rerank and score APIs, "
+    "Voyage's, Mixedbread's and NVIDIA NIM's rerank. Shared paths tell dialects apart by the body; every dialect "
+    "also has a path of its own. Every route calls the same gRPC `Rerank`.\n\n"
+    "**API key.** When the server runs with `--api-key` (`RERANKER_API_KEY`), every route but `/health` and these "
+    "pages needs the header `Authorization: Bearer <key>` (the **Authorize** button sends it from this page); the "
+    "bridge forwards it to the gRPC server as metadata. Without a key, any value or none works."
 )
 
 OPENAPI: dict[str, Any] = {
@@ -205,30 +267,7 @@ OPENAPI: dict[str, Any] = {
             "LegacyPostResponse",
             tags=(LEGACY_1,),
         ),
-        "/rerank": RERANK,
-        "/reank": _legacy_spelling(
-            RERANK, "/rerank", "fc3-bge-reranker-api's callers (its README spells it so)", LEGACY_2.name
-        ),
-        "/v1/rerank": _post(
-            "Cohere v1 (and Jina) rerank",
-            "Results best first, cut to `top_n`. Scores are sigmoid in [0, 1] unless `raw_scores` is true. "
-            "`documents` may be strings or objects (ranked on `text`, or on `rank_fields`). With "
-            "`max_chunks_per_doc`, a document too long for one pair is scored by its best window. Errors are "
-            "`{message}`.",
-            "CohereV1RerankRequest",
-            "CohereV1RerankResponse",
-            "CohereError",
-            tags=(COHERE_V1.name,),
-        ),
-        "/v2/rerank": _post(
-            "Cohere v2 rerank",
-            "Results best first, cut to `top_n`, sigmoid scores. A document too long for one pair is scored by "
-            "its best window. Errors are `{message}`.",
-            "CohereV2RerankRequest",
-            "CohereV2RerankResponse",
-            "CohereError",
-            tags=(COHERE_V2.name,),
-        ),
+        **{route.path: _route(route) for route in ROUTES},
         "/v1/models": _models((OPERATIONS_TAG,)),
         "/models": _models((INFINITY.name,)),
         "/info": _get(
@@ -283,7 +322,7 @@ ROUTE_DIALECTS = {
     for path, item in OPENAPI["paths"].items()
     for op in item.values()
     if len(op["tags"]) == 1 and op["tags"] != [OPERATIONS_TAG]
-}
+} | {route.path: route.dialects[0].name for route in ROUTES if route.pick is None}  # a shared path's default
 
 
 def document(models: Sequence[str]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ async def _start_bridge(config: Config, grpc_target: str, registry: CollectorReg
         log_level=config.log_level,
         legacy1_model=config.legacy1_model,
         legacy2_model=config.legacy2_model,
+        auto_truncate=config.rest_auto_truncate,
         header_timeout_s=config.rest_header_timeout_s,
         body_timeout_s=config.rest_body_timeout_s,
         max_connections=config.rest_max_connections,

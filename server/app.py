@@ -199,6 +199,7 @@ class RerankServer:
         window = max(1024, 8 * b.batch_size)  # room to sort a few batches' worth by length
         limits = BatchLimits(b.batch_size, b.max_batch_tokens, c.max_wait_ms / 1e3, c.max_queue_pairs, window)
         # Each model's worker awaits its launch before queuing another, so models alternate on the one thread.
+        self.metrics.busy.track(name)
         batcher: Batcher[Any] = Batcher(
             engine.launch,
             self._infer_pool,
@@ -206,6 +207,7 @@ class RerankServer:
             on_batch=self.metrics.on_batch,
             collect_executor=self._collect_pool,
             group=_forward_settings,
+            on_launch=partial(self.metrics.busy.start, name),  # one clock per device: the models share its thread
         )
         batcher.start()
         return Scoring(engine, batcher, tokenizing, b, shapes)
@@ -250,6 +252,7 @@ class RerankServer:
             overall = serving if self._loaded and any(able.values()) else not_serving
             for name in HEALTH_SERVICES:
                 await self.health.set(name, overall)
+            self.metrics.serving.set(overall == serving and not self.service.admission.draining)
 
     @property
     def batching(self) -> Batching | None:
@@ -305,6 +308,7 @@ class RerankServer:
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         if await self.interceptor.drain(grace):
             # All work is done; still open are refusals being answered and health watches. grpc's stop sends
             # GOAWAY (no new calls), lets the refusals end (a call cut off here would read CANCELLED, which callers

@@ -82,6 +82,7 @@ class Config:
     rest_deadline_s: float = 30.0  # the in-process REST bridge's gRPC deadline (as rest_bridge --deadline-s)
     model_type: str = "auto"  # auto: the family known for certain (README: families), else refused; or a MODEL_TYPES
     cutoff_layer: int = 0  # layer-wise reranker: the layer whose head scores; 0 = the last layer (the class's default)
+    trust_remote_code: bool = False  # run the Python code a model ships (config.json auto_map), e.g. jina-reranker-v2
     # Slow and vanished clients (server/connections.py, rest_bridge/guard.py).
     handshake_timeout_s: float = 10.0  # gRPC: TCP accept to HTTP/2 settings received, TLS included
     max_connections: int = 4000  # gRPC port: open connections; past it new ones are closed at once
@@ -89,6 +90,7 @@ class Config:
     rest_header_timeout_s: float = 10.0  # REST: connect (or the last response) to complete request headers
     rest_body_timeout_s: float = 30.0  # REST: complete headers to the whole body, else 408
     rest_max_connections: int = 1000  # REST port: open connections; past it 503 at once
+    rest_auto_truncate: bool = True  # REST: a TEI /rerank body without `truncate` truncates (TEI's --auto-truncate)
     # OpenTelemetry traces: on when OTEL_TRACES_EXPORTER names an exporter (server/tracing.py); no flag of its own.
     tracing: bool = False
 
@@ -426,6 +428,13 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         default=d["cutoff_layer"],
         help="layer-wise reranker: the layer whose head gives the score; 0 = the last layer (%(default)s)",
     )
+    p.add_argument(
+        "--trust-remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=d["trust_remote_code"],
+        help="load a model whose config.json maps its classes to Python files shipped with it (auto_map, e.g. "
+        "jina-reranker-v2): that code runs in the server with its permissions; off: such a model stops the server",
+    )
     _add_connection_flags(p, d)
     return p
 
@@ -467,6 +476,13 @@ def _add_connection_flags(p: argparse.ArgumentParser, d: Mapping[str, object]) -
         type=int,
         default=d["rest_max_connections"],
         help="REST: open connections; past it new ones get 503 at once (%(default)s)",
+    )
+    p.add_argument(
+        "--rest-auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=d["rest_auto_truncate"],
+        help="REST: a TEI /rerank body without truncate is truncated (TEI's --auto-truncate); off: an over-long "
+        "text is refused (%(default)s)",
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -33,6 +35,67 @@ class _LogDrops(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         help_text = "Log lines dropped because the log output was not being read (logging never blocks serving)"
         yield CounterMetricFamily("reranker_log_lines_dropped", help_text, value=dropped_lines())
+
+
+class BusyClock(Collector):
+    """Seconds the device was busy, by model: `reranker_busy_seconds_total`; its rate is the saturation signal.
+
+    A batch is in flight from the start of its launch to the delivery of its scores. Pipelined batches overlap, and so
+    do the batches of models that share the device, but the device runs them one after another: each moment with a
+    batch in flight is credited once, to the model of the oldest such batch (the one the device is running), so the
+    models' rates add up to the device's share of busy time, at most 1. Start and end are called on the event loop; a
+    scrape reads from its own thread, hence the lock.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+        self._open: dict[int, str] = {}  # batches in flight, oldest first: id -> model
+        self._ids = itertools.count()
+        self._mark = clock()  # busy time before this is credited
+
+    def track(self, model: str) -> None:
+        """Export `model` at 0 before its first batch, so a rate over it starts from a sample."""
+        with self._lock:
+            self._seconds.setdefault(model, 0.0)
+
+    def start(self, model: str) -> Callable[[], None]:
+        """A batch of `model` starts now; call the result once, when its scores are in (or it failed)."""
+        batch = next(self._ids)
+        with self._lock:
+            self._advance()
+            self._open[batch] = model
+
+        def end() -> None:
+            with self._lock:
+                self._advance()
+                del self._open[batch]
+
+        return end
+
+    def seconds(self) -> dict[str, float]:
+        """Busy seconds by model so far (a long batch shows up while it runs, not in one step when it ends)."""
+        with self._lock:
+            self._advance()
+            return dict(self._seconds)
+
+    def _advance(self) -> None:
+        now = self._clock()
+        if self._open:
+            model = next(iter(self._open.values()))
+            self._seconds[model] = self._seconds.get(model, 0.0) + (now - self._mark)
+        self._mark = now
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "reranker_busy_seconds",
+            "Seconds the device had a batch of this model in flight, no moment counted twice; rate() = share busy",
+            labels=["model"],
+        )
+        for model, seconds in sorted(self.seconds().items()):
+            family.add_metric([model], seconds)
+        yield family
 
 
 class Metrics:
@@ -96,6 +159,9 @@ class Metrics:
         )
         r.register(_LogDrops())
         self.queue_pairs = Gauge("reranker_queue_pairs", "Pairs waiting for a forward pass", registry=r)
+        self.serving = Gauge("reranker_serving", "1 while health says SERVING, 0 while loading or draining", registry=r)
+        self.busy = BusyClock()
+        r.register(self.busy)
         self.model_info = Info("reranker_model", "The model being served", registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self._http: tuple[WSGIServer, threading.Thread] | None = None

@@ -1,7 +1,9 @@
-"""Render deploy/k8s kustomizations offline, for what ours use: resources, labels, images, strategic-merge patches.
+"""Render deploy/k8s kustomizations offline, for what ours use: resources, components, labels, images,
+strategic-merge patches.
 
 Strategic merge as the API server does it for the fields we patch: maps merge, `null` deletes a key, lists of
-containers, env, volumes and ports merge by their key, other lists are replaced.
+containers, env, volumes and ports merge by their key, other lists are replaced; `$patch: delete` removes the object.
+A component (kind: Component) adds its resources to what it is applied to, then patches all of it.
 """
 
 from __future__ import annotations
@@ -20,28 +22,38 @@ MERGE_KEYS = {
     "volumeMounts": "mountPath",
     "ports": "containerPort",
 }
-SUPPORTED = {"apiVersion", "kind", "resources", "labels", "images", "patches"}
+SUPPORTED = {"apiVersion", "kind", "resources", "components", "labels", "images", "patches"}
 
 
 def render(folder: Path) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize folder` would print (for the features listed above)."""
+    return _build(folder, [], "Kustomization")
+
+
+def _build(folder: Path, docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     k = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert k.get("kind", "Kustomization") == kind, f"{folder}: expected a {kind}, found {k.get('kind')}"
     unsupported = set(k) - SUPPORTED
     assert not unsupported, f"{folder}/kustomization.yaml uses {unsupported}: teach tests/kustomize.py first"
-    docs: list[dict[str, Any]] = []
+    docs = list(docs)
     for resource in k.get("resources", []):
         path = folder / resource
         if path.is_dir():
             docs.extend(render(path))
         else:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    for component in k.get("components", []):
+        docs = _build(folder / component, docs, "Component")
     for patch_ref in k.get("patches", []):
         assert set(patch_ref) == {"path"}, f"only file patches are supported: {patch_ref}"
         patch = yaml.safe_load((folder / patch_ref["path"]).read_text())
         (target,) = [
             d for d in docs if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
         ]
-        merge(target, patch)
+        if patch.get("$patch") == "delete":
+            docs.remove(target)
+        else:
+            merge(target, patch)
     for label in k.get("labels", []):
         assert not label.get("includeSelectors") and not label.get("includeTemplates")
         for d in docs:

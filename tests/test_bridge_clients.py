@@ -1,4 +1,5 @@
-"""Published clients against a real bridge on a real port: the `cohere` SDK (v1 and v2) and `infinity-client`."""
+"""Published clients against a real bridge on a real port: the `cohere` SDK (v1 and v2), `infinity-client`,
+`voyageai` and `mixedbread`."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ from typing import Any
 
 import cohere
 import httpx
+import mixedbread
 import pytest
+import voyageai
+import voyageai.error
 from infinity_client import Client as InfinityClient
 from infinity_client.api.default import rerank as infinity_rerank
 from infinity_client.models import RerankInput, ReRankResult
+from mixedbread import Mixedbread
 
 from rest_bridge import BridgeConfig, start_bridge
 from tests.conftest import test_config
 from tests.server_thread import ServerThread
 from tests.test_bridge import PANDA, reference
+from tests.test_chunking import LONG
 
 QUERY = "what is panda?"
 DOCS = ["hi", PANDA, "The quick brown fox jumps over the lazy dog.", "今天天气怎么样"]
@@ -81,3 +87,35 @@ def test_infinity_client(url: str, flag_reranker: Any) -> None:
     assert [r.relevance_score for r in resp.results] == pytest.approx(scores, abs=1e-6)
     assert [r.document for r in resp.results] == [DOCS[i] for i in order]
     assert resp.usage.total_tokens > 0 and resp.model
+
+
+@pytest.mark.parametrize("base", ["/v1", "", "/voyage/v1"])  # /v1/rerank and /rerank are shared; /voyage/v1 is its own
+def test_voyage_client(url: str, flag_reranker: Any, base: str) -> None:
+    vo = voyageai.Client(api_key="unused", base_url=url + base, max_retries=0)
+    resp = vo.rerank(QUERY, DOCS, model="rerank-2.5", top_k=2)
+    order, scores = best_first(flag_reranker, DOCS, 2)
+    assert [r.index for r in resp.results] == order  # top_k honoured: only the best two come back
+    assert [r.relevance_score for r in resp.results] == pytest.approx(scores, abs=1e-6)
+    assert [r.document for r in resp.results] == [DOCS[i] for i in order] and resp.total_tokens > 0
+
+
+def test_voyage_client_truncation_false_and_its_error(url: str) -> None:
+    vo = voyageai.Client(api_key="unused", base_url=url + "/v1", max_retries=0)
+    with pytest.raises(voyageai.error.InvalidRequestError) as err:
+        vo.rerank(QUERY, ["hi", LONG[0]], model="rerank-2.5", truncation=False)
+    assert "document at index 1 together exceed the context length of 512 tokens" in str(err.value)
+    assert err.value.http_status == 400
+    assert len(vo.rerank(QUERY, ["hi", LONG[0]], model="rerank-2.5").results) == 2  # truncation: true (its default)
+
+
+def test_mixedbread_client(url: str, flag_reranker: Any) -> None:
+    mx = Mixedbread(api_key="unused", base_url=url, max_retries=0)
+    inputs: list[Any] = [{"title": "Greeting", "text": DOCS[0]}, *DOCS[1:]]
+    resp = mx.rerank(model="mixedbread-ai/mxbai-rerank-large-v2", query=QUERY, input=inputs, top_k=3, return_input=True)
+    order, scores = best_first(flag_reranker, DOCS, 3)
+    assert [d.index for d in resp.data] == order and resp.top_k == 3 and resp.return_input is True
+    assert [d.score for d in resp.data] == pytest.approx(scores, abs=1e-6)
+    assert [d.input for d in resp.data] == [inputs[i] for i in order] and resp.usage.total_tokens > 0
+    with pytest.raises(mixedbread.BadRequestError) as err:
+        mx.rerank(query=QUERY, input=[{"title": "no text"}])
+    assert err.value.status_code == 400 and err.value.body == {"detail": 'input[0] is an object without "text"'}

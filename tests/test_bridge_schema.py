@@ -74,12 +74,23 @@ DIALECT_BODIES = [
     ("/v1/rerank", {"query": "q", "documents": ["a", LONG_TEXT], "max_chunks_per_doc": 10, "top_n": 1}),
     ("/v1/rerank", {"query": "q", "documents": [{"title": "t"}], "rank_fields": ["text"]}),  # Cohere's error shape
     ("/v2/rerank", {"model": "rerank-v3.5", "query": "q", "documents": ["a", LONG_TEXT], "top_n": 1}),
+    ("/rerank", {"query": "q", "texts": ["a", LONG_TEXT], "truncate": False}),  # 413, TEI's refusal
+    ("/v1/rerank", {"query": "q", "documents": ["a", {"text": "b"}], "top_n": 1, "truncate_prompt_tokens": -1}),
+    ("/vllm/v2/rerank", {"query": "q", "documents": ["a", LONG_TEXT], "return_documents": False}),  # vLLM's error
+    ("/score", {"queries": "q", "documents": ["a", "b"], "use_activation": False}),
+    ("/vllm/v1/score", {"text_1": ["q", "r"], "text_2": ["a"]}),  # 1:N or N:N only
+    ("/v1/rerank", {"query": "q", "documents": ["a", "b"], "top_k": 1, "return_documents": True, "truncation": True}),
+    ("/voyage/v1/rerank", {"query": "q", "documents": ["a", LONG_TEXT], "truncation": False}),
+    ("/v1/reranking", {"query": "q", "input": [{"text": "a"}, "b"], "top_k": 1, "return_input": True}),
+    ("/v1/ranking", {"query": {"text": "q"}, "passages": [{"text": "a"}, {"text": LONG_TEXT}], "truncate": "END"}),
+    ("/v1/retrieval/{model}/reranking", {"query": {"text": "q"}, "passages": [{"text": LONG_TEXT}]}),  # NIM's 400
 ]
 
 
 @pytest.mark.parametrize(("path", "body"), DIALECT_BODIES)
 def test_each_dialect_answers_as_documented(api_schema: Any, bridge_url: str, path: str, body: Any) -> None:
-    case = api_schema[path]["POST"].Case(body=body, media_type="application/json")
+    params = {"model": "nvidia/nv-rerankqa-mistral-4b-v3"} if "{model}" in path else None
+    case = api_schema[path]["POST"].Case(body=body, media_type="application/json", path_parameters=params)
     case.call_and_validate(base_url=bridge_url, checks=CHECKS, timeout=30)
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import test_config
-from tools.make_model import SENTENCES, build_bert_model
+from tools.make_model import SENTENCES, build_bert_model, build_deberta_model, build_modernbert_model
 
 # Pieces that stress the decode/re-encode round trip: words the test tokenizer knows, CJK, emoji, combining
 # marks, runs of spaces, characters it has never seen (unknown tokens), and zero-width or control-like ones.
@@ -43,8 +43,8 @@ PIECES = [
 MAX_LENGTHS = [8, 12, 16, 32, 64, 512]
 
 
-def texts(max_pieces: int) -> st.SearchStrategy[str]:
-    return st.lists(st.sampled_from(PIECES), min_size=1, max_size=max_pieces).map("".join)
+def texts(max_pieces: int, pieces: list[str] = PIECES) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(pieces), min_size=1, max_size=max_pieces).map("".join)
 
 
 @contextmanager
@@ -142,6 +142,35 @@ def test_batched_ids_equal_compute_score(paths: Any, data: st.DataObject, max_le
     pairs = [(queries[i % len(queries)], p) for i, p in enumerate(passages)]
     raised = _check_same_ids(*paths, pairs, max_length)
     event("some pair raised in FlagReranker's own path" if raised else "no pair raised")
+
+
+@pytest.fixture(scope="module", params=["DeBERTa-v2 (SentencePiece unigram)", "ModernBERT (byte-level BPE)"])
+def modern(request: pytest.FixtureRequest, tmp_path_factory: Any) -> tuple[Any, Any]:
+    """(engine, FlagReranker) of the newer cross-encoders' tokenizers, on the Rust calls."""
+    from server.engine.model import RerankerModel
+
+    build = build_deberta_model if request.param.startswith("DeBERTa") else build_modernbert_model
+    model = RerankerModel(test_config(build(tmp_path_factory.mktemp("modern"))))
+    assert model.encoder.rust
+    return model, model.flag
+
+
+# Their own special tokens written as text, and a character the tiny SentencePiece model does not know.
+MODERN_PIECES = [*PIECES, "[UNK]", "[SEP]", "[CLS]", "，"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    max_length=st.sampled_from(MAX_LENGTHS),
+    queries=st.lists(texts(60, MODERN_PIECES), min_size=1, max_size=3),
+)
+def test_batched_ids_equal_compute_score_for_newer_tokenizers(
+    modern: tuple[Any, Any], data: st.DataObject, max_length: int, queries: list[str]
+) -> None:
+    passages = data.draw(st.lists(texts(400, MODERN_PIECES), min_size=1, max_size=8))
+    pairs = [(queries[i % len(queries)], p) for i, p in enumerate(passages)]
+    _check_same_ids(*modern, pairs, max_length)
 
 
 def test_pairs_where_flagreranker_raises_are_cut_on_both_sides(paths: Any, flag_reranker: Any) -> None:

@@ -4,13 +4,16 @@ Tests and benchmarks run offline, so they make their own model instead of downlo
 `python -m tools.make_model DIR --shape tiny|base` (an XLM-RoBERTa cross-encoder like bge-reranker), or
 `--kind gemma|qwen2|layerwise|lightweight` for a tiny decoder-only reranker (FlagLLMReranker,
 LayerWiseFlagLLMReranker, LightWeightFlagLLMReranker),
-`--kind qwen3-reranker` for a tiny Qwen3 causal LM with a tokenizer like Qwen3-Reranker's, or
-`--kind bert` for a tiny BERT cross-encoder with a WordPiece tokenizer and token type ids (like ms-marco-MiniLM).
+`--kind qwen3-reranker` for a tiny Qwen3 causal LM with a tokenizer like Qwen3-Reranker's,
+`--kind mxbai-v2` for a tiny Qwen2 "1"/"0" reranker with the chat tokens (like mxbai-rerank v2), or
+`--kind bert` for a tiny BERT cross-encoder with a WordPiece tokenizer and token type ids (like ms-marco-MiniLM),
+`--kind modernbert` (like gte-reranker-modernbert-base), `--kind deberta-v2` (like mxbai-rerank v1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +144,118 @@ def build_bert_model(directory: str | Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         architectures=["BertForSequenceClassification"],
         initializer_range=0.5,
+        # As the ms-marco cross-encoders' config.json says: sentence-transformers' CrossEncoder returns raw logits.
+        sbert_ce_default_activation_function="torch.nn.modules.linear.Identity",
     )
     return _save(directory, BertForSequenceClassification, config, tokenizer, seed)
+
+
+def build_modernbert_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny ModernBERT cross-encoder like gte-reranker-modernbert-base: byte-level BPE, no token type ids, mean
+    pooling, a global-attention layer then a sliding-window one (a window of 16 tokens, so short texts cross it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SENTENCES * 4, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "attention_mask"],  # as ModernBERT's tokenizer_config.json says
+        model_max_length=8192,
+    )
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        global_attn_every_n_layers=2,
+        local_attention=16,
+        classifier_pooling="mean",
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=cls,
+        sep_token_id=sep,
+        bos_token_id=cls,
+        eos_token_id=sep,
+        architectures=["ModernBertForSequenceClassification"],
+        initializer_range=0.5,
+    )
+    return _save(directory, ModernBertForSequenceClassification, config, tokenizer, seed)
+
+
+def build_deberta_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny DeBERTa-v2 cross-encoder like mxbai-rerank v1 (a DeBERTa-v3): a SentencePiece unigram model (spm.model,
+    converted by transformers as for the real checkpoint), relative position buckets, no token type embeddings."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(SENTENCES * 4),
+            model_prefix=f"{tmp}/spm",
+            vocab_size=140,
+            hard_vocab_limit=False,
+            model_type="unigram",
+            character_coverage=1.0,
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
+            control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            minloglevel=2,
+        )
+        settings = {"tokenizer_class": "DebertaV2Tokenizer", "do_lower_case": False, "model_max_length": 512}
+        Path(tmp, "tokenizer_config.json").write_text(json.dumps(settings))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        sentencepiece_model = Path(tmp, "spm.model").read_bytes()
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        type_vocab_size=0,
+        relative_attention=True,
+        position_buckets=16,  # the real model's 256, scaled down so the test texts reach the log-scaled buckets
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=["DebertaV2ForSequenceClassification"],
+        initializer_range=0.5,
+    )
+    out = _save(directory, DebertaV2ForSequenceClassification, config, tokenizer, seed)
+    (out / "spm.model").write_bytes(sentencepiece_model)  # shipped beside tokenizer.json, as by the real checkpoint
+    return _readable(out)
 
 
 # FlagEmbedding's decoder-only prompt and instructions: the tokenizer learns them so the tests' ids stay short.
@@ -302,6 +415,26 @@ def build_lightweight_model(directory: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_mxbai_v2_model(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2 causal LM like mxbai-rerank-base-v2: the chat tokens, "0" and "1" single tokens, left padding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_causal_tokenizer(bos=False, padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=LLM_INIT,
+        architectures=["Qwen2ForCausalLM"],
+        **LLM_SHAPE,
+    )
+    return _save(directory, Qwen2ForCausalLM, config, tokenizer, seed)
+
+
 def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
     """A tiny MiniCPM layer-wise reranker (4 layers, heads from layer 2) like bge-reranker-v2-minicpm-layerwise."""
     import torch
@@ -346,6 +479,9 @@ def build_layerwise_model(directory: str | Path, seed: int = 0) -> Path:
     return _readable(out)
 
 
+BUILDERS = {"modernbert": build_modernbert_model, "deberta-v2": build_deberta_model, "mxbai-v2": build_mxbai_v2_model}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
@@ -353,7 +489,7 @@ def main() -> None:
         "--shape", choices=sorted({*SHAPES, *QWEN3_SHAPES}), default="tiny", help="cross-encoder: tiny, base; "
         "qwen3-reranker: tiny, small"
     )
-    kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise", "lightweight", "qwen3-reranker")
+    kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise", "lightweight", "qwen3-reranker", *BUILDERS)
     parser.add_argument("--kind", choices=kinds, default="cross-encoder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -371,6 +507,8 @@ def main() -> None:
         if args.shape not in QWEN3_SHAPES:
             parser.error(f"--kind qwen3-reranker takes --shape {' or '.join(QWEN3_SHAPES)}")
         print(build_qwen3_reranker(args.directory, args.seed, args.shape))
+    elif args.kind in BUILDERS:
+        print(BUILDERS[args.kind](args.directory, args.seed))
     else:
         print(build_llm_model(args.directory, args.seed, args.kind))
 

@@ -107,6 +107,11 @@ async def _whole(items: Sequence[Item]) -> AsyncIterator[Sequence[Item]]:
 
 
 Collect = Callable[[], list[float]]  # waits for a launched batch's scores
+Done = Callable[[], None]  # called once when a launched batch's scores are in, or it failed
+
+
+def _nothing() -> None:
+    pass
 
 
 def eager(forward: Callable[[Sequence[Item]], list[float]]) -> Callable[[Sequence[Item]], Collect]:
@@ -135,9 +140,11 @@ class Batcher(Generic[Item]):
         on_batch: Callable[[int, int, float], None] | None = None,
         collect_executor: Executor | None = None,
         group: Callable[[Item], Hashable] | None = None,
+        on_launch: Callable[[], Done] | None = None,
     ) -> None:
         self._launch = launch
         self._group = group  # items of different groups (e.g. other layers to score at) never share a batch
+        self._on_launch = on_launch  # the device's busy clock: a batch is in flight until its Done is called
         self._executor = executor
         self._collect_executor = collect_executor or executor
         self._collecting: set[asyncio.Task[None]] = set()
@@ -290,6 +297,7 @@ class Batcher(Generic[Item]):
                 task = asyncio.get_running_loop().create_task(self._collect(batch, collect, slots))
                 self._collecting.add(task)
                 task.add_done_callback(self._collecting.discard)
+                task.add_done_callback(lambda _, done=collect[2]: done())  # even if cancelled before it ran
 
     async def _next_batch(self) -> list[_Pending[Item]]:
         if self._pending:
@@ -357,31 +365,34 @@ class Batcher(Generic[Item]):
         self._newer_turn = False
         return 0
 
-    async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float] | None:
+    async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float, Done] | None:
         """Start the batch's forward pass; None if it failed (its callers have the error)."""
         start = time.perf_counter()
         for p in batch:
             if p.job.started is None:
                 p.job.started = start
         self._running[id(batch)] = start  # until its scores are collected (_collect) or it failed
+        done = self._on_launch() if self._on_launch is not None else _nothing
         try:
             collect = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._launch, [p.item for p in batch]
             )
         except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
             self._running.pop(id(batch), None)
+            done()
             self._fail(batch, RuntimeError("the server is shutting down"))
             raise
         except Exception as exc:  # a model error fails only the callers in this batch
             self._running.pop(id(batch), None)
+            done()
             self._failed(batch, exc)
             return None
-        return collect, start
+        return collect, start, done
 
     async def _collect(
-        self, batch: list[_Pending[Item]], launched: tuple[Collect, float], slots: asyncio.Semaphore
+        self, batch: list[_Pending[Item]], launched: tuple[Collect, float, Done], slots: asyncio.Semaphore
     ) -> None:
-        collect, start = launched
+        collect, start, _ = launched
         try:
             scores = await asyncio.get_running_loop().run_in_executor(self._collect_executor, collect)
             if len(scores) != len(batch):

@@ -20,6 +20,7 @@ from FlagEmbedding.utils.tokenizer_compat import pad_with_compat
 from server.chunking import Splitter
 from server.config import Config
 from server.engine.launch import Arrays, Collect, Launcher
+from server.engine.remote_code import remote_code_refusal
 from server.tokenize.exact import Encoded, Instructions, PairEncoder, TokenizerCopies
 from server.tokenize.options import Options, refusal
 
@@ -114,8 +115,8 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-# What decides a model's scores: its config, weights and tokenizer; hashed into its revision.
-_REVISION_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt")
+# What decides a model's scores: its config, weights, tokenizer and any code it ships; hashed into its revision.
+_REVISION_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".py")
 
 
 def model_files(path: str) -> list[str]:
@@ -288,6 +289,8 @@ class RerankerModel:
         self.revision = revision(path)
         if config.model_type != "cross-encoder":  # an explicit --model-type cross-encoder skips the detection
             _check_is_cross_encoder(path)
+        if refusal := remote_code_refusal(path, config.trust_remote_code):
+            raise ModelLoadError(refusal)
         _quiet_progress_bars()
         try:
             # devices pinned to one: FlagReranker would otherwise start a multi-GPU process pool.
@@ -297,6 +300,7 @@ class RerankerModel:
                 devices=[self.device],
                 batch_size=config.batch_size or CPU_BATCH_SIZE,
                 max_length=config.max_length,
+                trust_remote_code=config.trust_remote_code,
             )
         except OSError as exc:
             raise ModelLoadError(f"could not load model {model!r}: {exc}. {_offline_help(model)}") from None

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 from server.tokenize.packed import pack
 
@@ -27,8 +28,22 @@ def _exit_with(parent: int) -> None:
             os._exit(0)
 
 
+def _unpickle(payload: bytes) -> Any:
+    """The encoder; a tokenizer class shipped with its model (--trust-remote-code) lives in transformers' modules
+    cache, which the server process put on its path when it loaded that class, and this one must too."""
+    try:
+        return pickle.loads(payload)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("transformers_modules"):
+            raise
+    from transformers.dynamic_module_utils import init_hf_modules
+
+    init_hf_modules()
+    return pickle.loads(payload)
+
+
 def serve(conn: Connection) -> None:
-    encoder = pickle.loads(conn.recv_bytes())
+    encoder = _unpickle(conn.recv_bytes())
     encoder.copy_tokenizer(1)
     encoder.encode([("warm up", "a short passage to warm up the tokenizer")])
     conn.send(("ready", os.getpid()))
