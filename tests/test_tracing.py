@@ -95,8 +95,7 @@ async def test_one_rest_call_is_one_trace_from_the_caller_through_bridge_server_
     assert rpc.kind == SpanKind.SERVER and rpc.parent is not None and rpc.parent.span_id == http.context.span_id
     assert rpc.attributes["reranker.request_id"] == "rest-1" and rpc.attributes["rpc.grpc.status_code"] == 0
     assert rpc.attributes["reranker.pairs"] == 3 and rpc.attributes["reranker.tokens"] > 0
-    # TEI's truncate=false: passages too long for one pair would be cut into windows ("split") first.
-    assert children(got, rpc) == {"split", "tokenize", "queue", "forward", "response"}
+    assert children(got, rpc) == {"tokenize", "queue", "forward", "response"}
     (forward,) = named(got, "forward")
     assert forward.attributes["reranker.batch.pairs"] == 3 and forward.attributes["reranker.batch.request_pairs"] == 3
     assert forward.attributes["reranker.batch.tokens"] == rpc.attributes["reranker.tokens"]
@@ -275,3 +274,16 @@ def test_a_slice_that_fails_on_its_thread_leaves_an_error_span(spans: InMemorySp
     assert tokenize.status.status_code == StatusCode.ERROR and "died" in (tokenize.status.description or "")
     (worker,) = named(list(spans.get_finished_spans()), "tokenizer worker")
     assert worker.attributes["reranker.worker.pid"] == 4242
+
+
+async def test_cutting_long_passages_into_windows_is_a_span_before_tokenizing(
+    traced_server: RerankServer, spans: InMemorySpanExporter
+) -> None:
+    async with AsyncRerankerClient(f"127.0.0.1:{traced_server.port}") as client:
+        await client.rerank("what is panda?", [" ".join(PASSAGES * 200)], long_documents="chunk")
+    got = await finished(spans, RPC, "split", "forward")
+    (rpc,) = named(got, RPC)
+    (split,) = named(got, "split")
+    assert split.parent is not None and split.parent.span_id == rpc.context.span_id
+    assert rpc.attributes["reranker.windows"] > rpc.attributes["reranker.pairs"] == 1
+    assert split.end_time <= min(s.start_time for s in named(got, "tokenize"))
