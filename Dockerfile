@@ -13,9 +13,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 # (the pin is pyproject.toml's: 2.13.0+cpu or +cuXXX satisfies `torch==2.13.0`, so the lock step keeps it).
 RUN python -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
-# Every other dependency at the version CI tests: only a change of the lock rebuilds this layer.
-COPY requirements.lock /tmp/requirements.lock
-RUN pip install --no-deps -r /tmp/requirements.lock
+# Every other dependency at the version CI tests: only a change of a lock rebuilds this layer.
+# Then the tracing extra (OpenTelemetry) at the dev lock's versions: the OTEL_* variables turn traces on in the image.
+COPY requirements.lock requirements-dev.lock /tmp/
+RUN pip install --no-deps -r /tmp/requirements.lock \
+    && pip install --constraint /tmp/requirements-dev.lock opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp
 # The project's code, in a prefix of its own, so that the final stage ships it as a small layer over the venv's.
 WORKDIR /src
 COPY . .

@@ -46,6 +46,7 @@ from clients._common import (
     stream_error,
 )
 from clients._stream import Messages, send
+from clients._tracing import context_metadata
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 
@@ -113,12 +114,13 @@ class _Base:
         return self._spec.target
 
     def _kwargs(self, timeout: float | None) -> dict[str, Any]:
-        """Per-call deadline (the client default unless given) and the API key metadata."""
-        return {"timeout": self._spec.timeout_s if timeout is None else timeout, "metadata": self._spec.metadata}
+        """Per-call deadline (the client default unless given), the API key and the caller's trace context."""
+        timeout = self._spec.timeout_s if timeout is None else timeout
+        return {"timeout": timeout, "metadata": self._spec.metadata + context_metadata()}
 
     def _stream_kwargs(self, timeout: float | None) -> dict[str, Any]:
         """A stream lives as long as its caller feeds it: no deadline unless `timeout` is given."""
-        return {"timeout": timeout, "metadata": self._spec.metadata}
+        return {"timeout": timeout, "metadata": self._spec.metadata + context_metadata()}
 
     def _not_ready(self, waited: float, last: str) -> UnavailableError:
         return UnavailableError(

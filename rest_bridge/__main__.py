@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from rest_bridge.app import start_bridge
 from rest_bridge.config import BridgeConfig, load_bridge_config
 from rest_bridge.drain import drain_of
+from server import tracing
 
 SHUTDOWN_TIMEOUT_S = 10.0  # how long requests in flight at SIGTERM may still take
 
@@ -41,6 +42,11 @@ def main() -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if config.tracing:
+        try:
+            tracing.setup()  # the OpenTelemetry SDK, from the OTEL_* variables
+        except tracing.TracingError as exc:
+            sys.exit(f"cannot start the REST bridge: {exc}")
     try:
         asyncio.run(serve(config))
     except OSError as exc:  # e.g. the port is taken

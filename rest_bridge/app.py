@@ -17,6 +17,7 @@ from rest_bridge.guard import LINGER_S, GuardedSite, body_middleware, guard_rout
 from rest_bridge.metrics import RestMetrics
 from rest_bridge.openapi import document
 from rest_bridge.routes import add_routes
+from server import tracing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ def create_app(config: BridgeConfig, registry: CollectorRegistry | None = None) 
     metrics = RestMetrics(registry or CollectorRegistry())  # outermost: it counts the drain's refusals too
     drain = Drain()  # then the drain: a draining bridge refuses before it reads a body
     middlewares = [metrics.middleware, drain.middleware, error_middleware, body_middleware(config.body_timeout_s)]
+    if tracing.on():  # outermost: a refused or failed request has its span too
+        from rest_bridge.tracing import trace_middleware
+
+        middlewares.insert(0, trace_middleware)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[CONFIG_KEY] = config
     app[DRAIN_KEY] = drain

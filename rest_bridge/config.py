@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from server.tracing import wanted as tracing_wanted
+
 
 @dataclass(frozen=True)
 class BridgeConfig:
@@ -35,6 +37,7 @@ class BridgeConfig:
     grpc_server_name: str = ""  # the name to verify in the server's certificate, when the target's differs
     api_key: str = field(default="", repr=False)  # sent on the bridge's own calls (the docs page's model list)
     metrics_port: int = 0  # Prometheus /metrics of the standalone bridge; 0 = off
+    tracing: bool = False  # OpenTelemetry traces: on when OTEL_TRACES_EXPORTER names an exporter (server/tracing.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -138,6 +141,8 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         description="REST bridge to the gRPC reranking service (legacy, TEI, Infinity and Cohere endpoints, /docs).",
     )
     for f in fields(BridgeConfig):
+        if f.name == "tracing":  # no flag: the OTEL_* variables say
+            continue
         kind = parse_bool if isinstance(f.default, bool) else type(f.default)
         raw = env.get(ENV_NAMES[f.name], "")
         try:
@@ -148,7 +153,8 @@ def load_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} (%(default)s; {ENV_NAMES[f.name]})")
     args = parser.parse_args(argv)
     try:
-        return BridgeConfig(**{f.name: getattr(args, f.name) for f in fields(BridgeConfig)})
+        values = {f.name: getattr(args, f.name) for f in fields(BridgeConfig) if f.name != "tracing"}
+        return BridgeConfig(**values, tracing=tracing_wanted(env))
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

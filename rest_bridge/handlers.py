@@ -20,6 +20,7 @@ from rest_bridge.dialects import Dialect
 from rest_bridge.errors import DIALECT_KEY, ERROR_SHAPE_KEY, TEXT_PAIRS_KEY, BadRequest, ErrorShape
 from rest_bridge.models import LegacyPostRequest, LegacyPostResponse, ModelList, TeiInfo, kind, parse
 from rest_bridge.recognise import choose
+from rest_bridge.tracing import trace_metadata
 from rest_bridge.truncation import refused
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -128,7 +129,7 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
             if not value.isascii() or not value.isprintable():
                 raise BadRequest(f"the {name} header must be printable ASCII")
             metadata.append((name, value))
-    return metadata
+    return metadata + trace_metadata(request)  # the caller's trace continues on the server
 
 
 async def _rerank(request: web.Request, req: pb.RerankRequest, model: str) -> pb.RerankResponse:

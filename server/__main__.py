@@ -25,6 +25,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
+from server import tracing  # noqa: E402
 from server.config import Config, ConfigError, load_config  # noqa: E402
 from server.logs import setup_logging  # noqa: E402
 
@@ -59,6 +60,7 @@ async def _start_bridge(config: Config, grpc_target: str, registry: CollectorReg
         tls_key=config.tls_key,
         tls_client_ca=config.tls_client_ca,
         api_key=config.api_key,  # for the docs page's model list; callers still send their own
+        tracing=config.tracing,
     )
     # Its reranker_rest_* metrics join the server's, on --metrics-port.
     runner, _ = await start_bridge(bridge_config, shutdown_timeout=config.grace_s, registry=registry)
@@ -139,6 +141,12 @@ def main() -> None:
         sys.exit(2)
     _openmp_waits_passively()
     setup_logging(config.log_level, config.log_json)
+    if config.tracing:
+        try:
+            tracing.setup()  # the OpenTelemetry SDK, from the OTEL_* variables
+        except tracing.TracingError as exc:
+            log.error("cannot start: %s", exc)
+            sys.exit(1)
     sys.exit(asyncio.run(serve(config)))
 
 

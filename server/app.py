@@ -305,6 +305,7 @@ class RerankServer:
             "max_connection_idle_s": c.max_connection_idle_s,
             "grace_s": c.grace_s,
             "watch_models_s": c.watch_models,
+            "tracing": c.tracing,  # OpenTelemetry, from OTEL_TRACES_EXPORTER
             "version": __version__,
         }
 

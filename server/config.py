@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import NoReturn
 
 from server import __version__
+from server.tracing import wanted as tracing_wanted
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -114,6 +115,8 @@ class Config:
     max_drift: float = 0.0  # refuse a mode whose scores move from fp32 more than this on the drift sample; 0 = off
     min_rank_correlation: float = -1.0  # refuse a mode whose rank correlation with fp32 is below; -1 = off
     quantize_cache: str = ""  # where int8 conversions are kept, by revision; "" = ~/.cache/reranker-service/int8
+    # OpenTelemetry traces: on when OTEL_TRACES_EXPORTER names an exporter (server/tracing.py); no flag of its own.
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         names = [n for n, _ in parse_models(self.model)]
@@ -277,6 +280,8 @@ def _env_defaults(env: Mapping[str, str]) -> dict[str, object]:
     """Config defaults overridden by RERANKER_<FIELD> variables, converted to each field's type."""
     values: dict[str, object] = {}
     for f in fields(Config):
+        if f.name == "tracing":  # read from the OTEL_* variables by load_config
+            continue
         raw = env.get(_env_name(f.name))
         if f.name == "model" and env.get("RERANKER_MODELS"):
             raw = env["RERANKER_MODELS"]  # the list form wins over the single model
@@ -553,7 +558,9 @@ def load_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None
     """Parse flags (falling back to RERANKER_* variables) into a Config."""
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    args.model = ",".join(args.model) if args.model else _env_defaults(os.environ if env is None else env)["model"]
+    env = os.environ if env is None else env
+    args.model = ",".join(args.model) if args.model else _env_defaults(env)["model"]
+    args.tracing = tracing_wanted(env)
     try:
         return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from reranker_proto import reranker_pb2 as pb
+from server import tracing
 from server.admission import Admission
 from server.config import Config
 from server.errors import status_for
@@ -176,6 +177,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 auths.append(str(value))
         rid = rid or uuid.uuid4().hex
         token = request_id.set(rid)
+        traced = tracing.rpc_started(method, context.invocation_metadata(), rid)  # None unless tracing is on
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         self.admission.touch()
         try:
@@ -202,6 +204,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         finally:
             self.admission.touch()
             self._record(method, call, time.perf_counter() - start)
+            refused = call.refused or call.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            tracing.rpc_ended(traced, call.code, context.details() if traced else None, call.pairs, refused)
             try:
                 request_id.reset(token)
             except ValueError:  # a stream's generator closed from another context (grpc dropped it)
@@ -231,7 +235,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             level,
             "rpc",
             extra=fields(
-                method=method, code=call.code.name, ms=round(seconds * 1e3, 2), pairs=call.pairs, **call.stream
+                method=method,
+                code=call.code.name,
+                ms=round(seconds * 1e3, 2),
+                pairs=call.pairs,
+                **call.stream,
+                **tracing.log_fields(),
             ),
         )
 

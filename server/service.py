@@ -15,7 +15,7 @@ import grpc
 
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
-from server import __version__
+from server import __version__, tracing
 from server.admission import Admission
 from server.chunking import Limit, Splitter, WindowPlan, split_passages
 from server.config import Config
@@ -86,7 +86,8 @@ class Scoring:
             splitter = self.engine.splitter(options, self.engine.thread_tokenizer())
             return split_passages(splitter, pairs, plan)
 
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split)
+        split_traced = tracing.on_thread("split", split, {"reranker.pairs": len(pairs)})
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing.executor, split_traced)
 
     async def encode(self, pairs: list[tuple[str, str]], options: Options) -> AsyncIterator[list[Any]]:
         """Tokenize a large request in slices, in parallel on the tokenizing threads (or workers); each slice in
@@ -100,7 +101,8 @@ class Scoring:
         def more() -> None:
             cut = next(cuts, None)
             if cut is not None:
-                running.append(loop.run_in_executor(t.executor, t.encode, pairs[cut], options))
+                encode = tracing.on_thread("tokenize", t.encode, {"reranker.pairs": cut.stop - cut.start})
+                running.append(loop.run_in_executor(t.executor, encode, pairs[cut], options))
 
         for _ in range(t.parallel + 1):  # one queued behind those running: the threads never wait for the loop
             more()
@@ -326,6 +328,7 @@ class RerankerService(pb_grpc.RerankerServicer):
             pairs = windows.pairs
         # Queue places are reserved before tokenizing, so an overloaded server refuses at once.
         result = await scoring.batcher.submit_after(len(pairs), lambda: scoring.encode(pairs, options))
+        tracing.batched(result, name, scoring.engine.device, len(documents))
         if self.metrics is not None:
             self.metrics.queue_seconds.observe(result.queue_s)
             self.metrics.inference_seconds.observe(result.inference_s)
@@ -337,7 +340,8 @@ class RerankerService(pb_grpc.RerankerServicer):
             inference_ms=result.inference_s * 1e3,
         )
         scores = result.scores if windows is None else windows.best(result.scores, len(documents))
-        return build_response(req, documents, scores, name, usage)
+        with tracing.span("response"):
+            return build_response(req, documents, scores, name, usage)
 
     async def _model_info(self, name: str) -> pb.GetModelInfoResponse:
         name, scoring = self._ready(name)

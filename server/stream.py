@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from reranker_proto import reranker_pb2 as pb
+from server import tracing
 from server.admission import Admission
 from server.errors import Draining, InvalidRequest, status_for
 from server.logs import request_id
@@ -32,18 +33,23 @@ async def answer_one(request: Any, rerank: Rerank, admission: Admission, stream_
     """One request's answer: its response, or its error; never an exception, so the stream goes on."""
     rid = _id_of(request)
     request_id.set(f"{stream_id}/{rid}")  # log lines written while scoring it name the stream and the request
-    try:
-        if isinstance(request, Malformed):
-            raise InvalidRequest(request.message)
-        if not rid:
-            raise InvalidRequest("request_id is empty: answers on RerankStream come out of order, so each needs an id")
-        admission.enter()
+    with tracing.span("rerank", {"reranker.request_id": rid}):  # one per request, under the stream's span
         try:
-            return pb.RerankStreamResponse(request_id=rid, response=await rerank(request))
-        finally:
-            admission.leave()
-    except Exception as exc:
-        return error_answer(rid, exc)
+            if isinstance(request, Malformed):
+                raise InvalidRequest(request.message)
+            if not rid:
+                raise InvalidRequest(
+                    "request_id is empty: answers on RerankStream come out of order, so each needs an id"
+                )
+            admission.enter()
+            try:
+                return pb.RerankStreamResponse(request_id=rid, response=await rerank(request))
+            finally:
+                admission.leave()
+        except Exception as exc:
+            answer = error_answer(rid, exc)
+            tracing.outcome(answer.error.code, answer.error.message)
+            return answer
 
 
 async def answer_stream(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -38,12 +39,26 @@ class BatchLimits:
     stuck_s: float = 120.0  # a batch launched longer ago than this and not done: the inference thread is stuck
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass that scored some of a request's pairs (perf_counter times), for its trace."""
+
+    number: int  # the batcher's count of batches, this one included
+    start: float
+    end: float
+    pairs: int  # in the whole batch
+    tokens: int
+    mine: int  # the request's own pairs in it
+
+
 @dataclass
 class BatchResult:
     scores: list[float]
     tokens: int
     queue_s: float
     inference_s: float
+    submitted: float = 0.0  # perf_counter when its first pairs were queued
+    batches: list[Pass] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -57,6 +72,7 @@ class _Job:
     started: float | None = None
     inference_s: float = 0.0
     launched: int = 0  # pairs taken into batches so far
+    batches: list[Pass] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.scores = [0.0] * self.size
@@ -390,13 +406,15 @@ class Batcher(Generic[Item]):
         finally:
             self._running.pop(id(batch), None)
             slots.release()
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
+        elapsed, tokens = end - start, sum(p.length for p in batch)
         self.stats.batches += 1
         self.stats.pairs += len(batch)
         if self._on_batch is not None:
-            self._on_batch(len(batch), sum(p.length for p in batch), elapsed)
-        for job in {id(p.job): p.job for p in batch}.values():
+            self._on_batch(len(batch), tokens, elapsed)
+        for job, mine in Counter(p.job for p in batch).items():
             job.inference_s += elapsed
+            job.batches.append(Pass(self.stats.batches, start, end, len(batch), tokens, mine))
         for p, score in zip(batch, scores, strict=True):
             self._deliver(p, score)
 
@@ -414,7 +432,9 @@ class Batcher(Generic[Item]):
         job.remaining -= 1
         if job.remaining == 0:
             queue_s = (job.started or job.submitted) - job.submitted
-            job.future.set_result(BatchResult(job.scores, job.tokens, queue_s, job.inference_s))
+            job.future.set_result(
+                BatchResult(job.scores, job.tokens, queue_s, job.inference_s, job.submitted, job.batches)
+            )
 
     def _fail(self, batch: list[_Pending[Item]], exc: Exception) -> None:
         failed = {id(p.job): p.job for p in batch}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from server import tracing
 from server.errors import WorkerDied
 from server.tokenize.options import Options
 from server.tokenize.packed import unpack
@@ -183,6 +184,7 @@ class TokenizerWorkers:
     def encode(self, pairs: Sequence[tuple[str, str]], options: Options | int | None = None) -> list[Any]:
         """The pairs tokenized by a free worker (waiting for one), as views into its packed arrays."""
         w = self._take()
+        tracing.worker_taken(w.pid)
         timeout_s = slice_timeout(pairs, self.slice_timeout_s)
         try:
             w.conn.send((list(pairs), options))
