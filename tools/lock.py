@@ -43,7 +43,11 @@ def pyproject() -> dict[str, list[Requirement]]:
     """The project's requirements: "" for the server's own, then one entry per extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     groups = {"": project.get("dependencies", []), **project.get("optional-dependencies", {})}
-    return {name: [Requirement(r) for r in reqs] for name, reqs in groups.items()}
+    own = project["name"].lower().replace("_", "-")  # an extra naming another (`reranker-service[tracing]`)
+    return {
+        name: [r for r in map(Requirement, reqs) if r.name.lower().replace("_", "-") != own]
+        for name, reqs in groups.items()
+    }
 
 
 class Locked(NamedTuple):
