@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -160,7 +161,8 @@ class Batcher(Generic[Item]):
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._newer_turn = False  # the last batch went to a newer request than the oldest (_anchor)
-        self._running: dict[int, float] = {}  # batches on the device: id -> when it was launched
+        self._running: dict[int, float] = {}  # batches on the device (see _in_flight) -> when each was launched
+        self._launches = itertools.count()
         self.stats = BatchStats()
 
     @property
@@ -365,25 +367,35 @@ class Batcher(Generic[Item]):
         self._newer_turn = False
         return 0
 
+    def _in_flight(self, start: float) -> Done:
+        """Record a batch as on the device from `start` (the stuck check, the busy clock) until the Done it returns
+        is called: once its scores are in or it failed."""
+        key = next(self._launches)
+        self._running[key] = start
+        busy = self._on_launch() if self._on_launch is not None else _nothing
+
+        def done() -> None:
+            if self._running.pop(key, None) is not None:  # once, whichever path ends the batch
+                busy()
+
+        return done
+
     async def _launch_batch(self, batch: list[_Pending[Item]]) -> tuple[Collect, float, Done] | None:
         """Start the batch's forward pass; None if it failed (its callers have the error)."""
         start = time.perf_counter()
         for p in batch:
             if p.job.started is None:
                 p.job.started = start
-        self._running[id(batch)] = start  # until its scores are collected (_collect) or it failed
-        done = self._on_launch() if self._on_launch is not None else _nothing
+        done = self._in_flight(start)
         try:
             collect = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._launch, [p.item for p in batch]
             )
         except asyncio.CancelledError:  # stop(): the callers of this batch must not wait forever
-            self._running.pop(id(batch), None)
             done()
             self._fail(batch, RuntimeError("the server is shutting down"))
             raise
         except Exception as exc:  # a model error fails only the callers in this batch
-            self._running.pop(id(batch), None)
             done()
             self._failed(batch, exc)
             return None
@@ -404,7 +416,6 @@ class Batcher(Generic[Item]):
             self._failed(batch, exc)
             return
         finally:
-            self._running.pop(id(batch), None)
             slots.release()
         end = time.perf_counter()
         elapsed, tokens = end - start, sum(p.length for p in batch)

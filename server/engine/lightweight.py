@@ -27,8 +27,8 @@ from FlagEmbedding.inference.reranker.decoder_only.models.gemma_model import Cos
 
 from server.config import Config
 from server.engine.launch import Arrays, Collect, Launcher
-from server.engine.llm_model import PAD_MULTIPLE, LLMRerankerModel
-from server.engine.model import CPU_BATCH_SIZE, ModelLoadError, _offline_help, _quiet_progress_bars, place
+from server.engine.llm_model import PAD_MULTIPLE, LLMRerankerModel, load_errors
+from server.engine.model import CPU_BATCH_SIZE, ModelLoadError, _quiet_progress_bars, place
 from server.tokenize.exact import Instructions
 from server.tokenize.options import Options, refusal
 from server.tokenize.prompted import Prompted, PromptEncoder
@@ -108,8 +108,9 @@ class LightweightModel(LLMRerankerModel):
         self.parameters = place(self.model, self.device, self.fp16, snapshot)
         prompt = self.flag.prompt or DEFAULT_PROMPT
         self.default_instruction = prompt
-        self.encoder = PromptEncoder(self.tokenizer, Instructions.of(self.flag), config.max_length, prompt, True, True)
-        self.encoder.spans = True
+        self.encoder = PromptEncoder(
+            self.tokenizer, Instructions.of(self.flag), config.max_length, prompt, bos=True, layered=True, spans=True
+        )
         enc = self.encoder
         self.max_width = config.max_length + 2 * (len(enc.sep) + len(enc.prompt)) + len(enc.bos)
         self._pad_id = self.tokenizer.pad_token_id or 0
@@ -126,7 +127,7 @@ class LightweightModel(LLMRerankerModel):
 
     def _load_flag(self, config: Config, path: str) -> LightWeightFlagLLMReranker:
         _quiet_progress_bars()
-        try:
+        with load_errors(path, "lightweight"):
             return load_lightweight(
                 path,
                 use_fp16=self.fp16,
@@ -134,12 +135,6 @@ class LightweightModel(LLMRerankerModel):
                 batch_size=config.batch_size or CPU_BATCH_SIZE,
                 max_length=config.max_length,
             )
-        except ModelLoadError:
-            raise
-        except OSError as exc:
-            raise ModelLoadError(f"could not load model {path!r}: {exc}. {_offline_help(path)}") from None
-        except Exception as exc:  # a checkpoint the class cannot use
-            raise ModelLoadError(f"could not load model {path!r} as a lightweight reranker: {exc}") from None
 
     def refuse(self, o: Options) -> str | None:
         why = refusal(self.name, self.family, o, self.options)

@@ -186,6 +186,19 @@ def load_flag_reranker(path: str, kind: str, **kwargs: Any) -> FlagLLMReranker |
     return flag
 
 
+@contextlib.contextmanager
+def load_errors(path: str, kind: str) -> Iterator[None]:
+    """A loading failure as a ModelLoadError that says what to do: offline help for a missing file, else the kind."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model {path!r}: {exc}. {_offline_help(path)}") from None
+    except Exception as exc:  # a checkpoint the class cannot use
+        raise ModelLoadError(f"could not load model {path!r} as a {kind} reranker: {exc}") from None
+
+
 def _use_fp16(config: Config, kind: str, on_cuda: bool) -> bool:
     """fp16 on CUDA unless --no-fp16 (the layer-wise class insists on it), never on CPU."""
     if config.fp16 and not on_cuda:
@@ -311,14 +324,8 @@ class LLMRerankerModel:
         if kind == "layerwise" and config.cutoff_layer:
             kwargs["cutoff_layers"] = [config.cutoff_layer]
         _quiet_progress_bars()
-        try:
+        with load_errors(path, kind):
             return load_flag_reranker(path, kind, **kwargs)
-        except ModelLoadError:
-            raise
-        except OSError as exc:
-            raise ModelLoadError(f"could not load model {path!r}: {exc}. {_offline_help(path)}") from None
-        except Exception as exc:  # a checkpoint the class cannot use
-            raise ModelLoadError(f"could not load model {path!r} as a {kind} reranker: {exc}") from None
 
     def _check_limits(self, config: Config, path: str) -> None:
         limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)

@@ -18,8 +18,8 @@ import torch
 from server.chunking import Splitter
 from server.config import Config
 from server.engine.launch import Launcher
-from server.engine.llm_model import LLMRerankerModel
-from server.engine.model import ModelLoadError, _offline_help, _quiet_progress_bars, place
+from server.engine.llm_model import LLMRerankerModel, load_errors
+from server.engine.model import ModelLoadError, _quiet_progress_bars, place
 from server.tokenize.chat import QWEN3_RERANKER, ChatEncoder
 from server.tokenize.options import Options
 
@@ -86,13 +86,9 @@ class Qwen3RerankerModel(LLMRerankerModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_progress_bars()
-        try:
+        with load_errors(path, "Qwen3"):
             tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        except OSError as exc:
-            raise ModelLoadError(f"could not load model {path!r}: {exc}. {_offline_help(path)}") from None
-        except Exception as exc:  # a checkpoint that is no causal LM
-            raise ModelLoadError(f"could not load model {path!r} as Qwen3-Reranker: {exc}") from None
         return tokenizer, model
 
     def _yes_minus_no(self, path: str) -> torch.Tensor:

@@ -29,7 +29,14 @@ class PromptEncoder(ThreadTokenizers):
     """An LLM reranker's tokenizing; needs no weights, so it pickles to a worker process."""
 
     def __init__(
-        self, tokenizer: Any, instructions: Instructions, max_length: int, prompt: str, bos: bool, layered: bool = False
+        self,
+        tokenizer: Any,
+        instructions: Instructions,
+        max_length: int,
+        prompt: str,
+        bos: bool,
+        layered: bool = False,
+        spans: bool = False,
     ) -> None:
         super().__init__(tokenizer, max_length)
         self.instructions = instructions
@@ -38,7 +45,7 @@ class PromptEncoder(ThreadTokenizers):
         self.sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
         self.bos = [tokenizer.bos_token_id] if bos else []
         self.layered = layered  # the request's layers change the forward pass: items carry them (Options.forward)
-        self.spans = False  # items carry their (query, prompt) token counts (the lightweight reranker compresses)
+        self.spans = spans  # items carry their (query, prompt) token counts (the lightweight reranker compresses)
 
     @staticmethod
     def _prompt_ids(tok: Any, prompt: str) -> list[int]:
