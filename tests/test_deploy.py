@@ -170,6 +170,10 @@ def test_dockerignore_keeps_what_the_install_needs() -> None:
     kept = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     packages = {p.rstrip("*") for p in re.findall(r'"(\w+)\*"', (ROOT / "pyproject.toml").read_text())}
     assert {"pyproject.toml", "requirements.lock", "README.md", *packages} <= kept
+    # Every file the Dockerfile copies from the context by name must be let in, or the build fails at that COPY.
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    named = {src for line in copied for src in line.split() if src not in (".", "./")}
+    assert named <= kept, f"the Dockerfile copies {sorted(named - kept)}, which .dockerignore leaves out"
 
 
 # --- healthcheck ---------------------------------------------------------------------------------
