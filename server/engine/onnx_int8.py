@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -99,7 +100,7 @@ def _convert_apart(source: str, example: Arrays, work: Path) -> None:
     import multiprocessing
 
     child = multiprocessing.get_context("spawn").Process(
-        target=_convert_from, args=(source, example, str(work)), name="int8-conversion", daemon=True
+        target=_convert_from, args=(source, example, str(work), os.getpid()), name="int8-conversion", daemon=True
     )
     child.start()
     child.join()
@@ -107,7 +108,13 @@ def _convert_apart(source: str, example: Arrays, work: Path) -> None:
         raise PrecisionError(f"converting {source} to int8 failed (exit code {child.exitcode}; the log says why)")
 
 
-def _convert_from(source: str, example: Arrays, work: str) -> None:
+def _convert_from(source: str, example: Arrays, work: str, parent: int) -> None:
+    import threading
+
+    from server.tokenize.worker import exit_with_parent
+
+    # A SIGKILLed server must not leave a conversion running (minutes, gigabytes) with no one to use it.
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(source).eval()  # as FlagReranker loads it

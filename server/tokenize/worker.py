@@ -20,8 +20,9 @@ from server.tokenize.packed import pack
 PARENT_CHECK_S = 0.5
 
 
-def _exit_with(parent: int) -> None:
-    """A worker busy tokenizing does not read its socket: notice a parent gone (reparented) anyway."""
+def exit_with_parent(parent: int) -> None:
+    """A child busy with its work (a worker tokenizing, an int8 conversion) reads nothing from its parent: notice a
+    parent gone (reparented, even after a SIGKILL) anyway, and exit."""
     while True:
         time.sleep(PARENT_CHECK_S)
         if os.getppid() != parent:
@@ -66,7 +67,7 @@ def main() -> None:
     # Ctrl-C and the orchestrator's SIGTERM are the server's to handle: it closes the workers when it is done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     serve(Connection(int(sys.argv[1])))
     os._exit(0)  # nothing to flush; skip the interpreter's slow teardown
 
