@@ -1,5 +1,6 @@
 """Render deploy/k8s kustomizations offline, for what ours use: resources, components, labels, images,
-strategic-merge patches.
+strategic-merge patches. As kustomize does, a folder may not load a base that contains it ("cycle detected": an
+overlay inside its own base), which kubectl refuses although the objects would render.
 
 Strategic merge as the API server does it for the fields we patch: maps merge, `null` deletes a key, lists of
 containers, env, volumes and ports merge by their key, other lists are replaced; `$patch: delete` removes the object.
@@ -25,12 +26,16 @@ MERGE_KEYS = {
 SUPPORTED = {"apiVersion", "kind", "resources", "components", "labels", "images", "patches"}
 
 
-def render(folder: Path) -> list[dict[str, Any]]:
+def render(folder: Path, visited: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize folder` would print (for the features listed above)."""
-    return _build(folder, [], "Kustomization")
+    return _build(folder, [], "Kustomization", visited)
 
 
-def _build(folder: Path, docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+def _build(folder: Path, docs: list[dict[str, Any]], kind: str, visited: tuple[Path, ...]) -> list[dict[str, Any]]:
+    root = folder.resolve()
+    cycle = [v for v in visited if v == root or root in v.parents]
+    assert not cycle, f"cycle detected: candidate root '{root}' contains visited root '{cycle[0]}'"
+    visited = (*visited, root)
     k = yaml.safe_load((folder / "kustomization.yaml").read_text())
     assert k.get("kind", "Kustomization") == kind, f"{folder}: expected a {kind}, found {k.get('kind')}"
     unsupported = set(k) - SUPPORTED
@@ -39,11 +44,11 @@ def _build(folder: Path, docs: list[dict[str, Any]], kind: str) -> list[dict[str
     for resource in k.get("resources", []):
         path = folder / resource
         if path.is_dir():
-            docs.extend(render(path))
+            docs.extend(render(path, visited))
         else:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     for component in k.get("components", []):
-        docs = _build(folder / component, docs, "Component")
+        docs = _build(folder / component, docs, "Component", visited)
     for patch_ref in k.get("patches", []):
         assert set(patch_ref) == {"path"}, f"only file patches are supported: {patch_ref}"
         patch = yaml.safe_load((folder / patch_ref["path"]).read_text())

@@ -26,6 +26,7 @@ from tests.pki import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"  # the manifests; deploy/k8s itself, gpu/ and tls/ are kustomizations of it
 OVERLAYS = [K8S, K8S / "gpu", K8S / "tls"]
 KUBERNETES_VERSION = "1.33"  # the oldest Kubernetes the manifests target (native gRPC probes are GA since 1.27)
 TLS_DIR = "/etc/reranker/tls"
@@ -81,14 +82,14 @@ def pyproject_pin(package: str) -> str:
     return match.group(1)
 
 
-def manifests(folder: Path = K8S) -> list[dict[str, Any]]:
+def manifests(folder: Path = BASE) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for path in sorted(folder.glob("*.yaml")):
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 
 
-def of_kind(kind: str, folder: Path = K8S) -> list[dict[str, Any]]:
+def of_kind(kind: str, folder: Path = BASE) -> list[dict[str, Any]]:
     return [d for d in manifests(folder) if d["kind"] == kind]
 
 
@@ -212,8 +213,8 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == on_disk
 
 
@@ -283,7 +284,7 @@ def test_resources_are_requested_and_threads_fit_the_cpu_limit() -> None:
 
 
 def test_image_name_and_tag_follow_the_project_version() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     (image,) = kustomization["images"]
     assert image["name"] == container()["image"]
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
@@ -320,7 +321,7 @@ def test_hpa_and_pdb_target_the_deployment() -> None:
 
 def test_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     kustomization = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [".."]
+    assert kustomization["resources"] == ["../base"]
     (patch_ref,) = kustomization["patches"]
     patch = yaml.safe_load((K8S / "gpu" / patch_ref["path"]).read_text())
     (deployment,) = of_kind("Deployment")
@@ -334,7 +335,7 @@ def test_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     assert 0 < int(env["RERANKER_THREADS"]) <= int(c["resources"]["limits"]["cpu"])
 
 
-@pytest.mark.parametrize("folder", OVERLAYS, ids=["cpu", "gpu", "tls"])
+@pytest.mark.parametrize("folder", [BASE, K8S / "gpu", K8S / "tls"], ids=["base", "gpu", "tls"])
 def test_manifests_are_well_formed(folder: Path) -> None:
     for doc in manifests(folder):
         assert {"apiVersion", "kind"} <= set(doc), doc
@@ -469,3 +470,15 @@ async def test_tls_overlays_probes_pass_against_a_tls_server(
             assert out.decode().strip().endswith(": SERVING")
     finally:
         await srv.stop(0)
+
+
+def test_an_overlay_inside_its_own_base_is_refused_as_kubectl_does(tmp_path: Path) -> None:
+    """kubectl 1.32 refused `kubectl apply -k deploy/k8s/gpu` while gpu/ lay inside its base; the renderer the tests
+    use now applies the same rule, so the layout of deploy/k8s cannot regress unseen."""
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["cm.yaml"]}))
+    (tmp_path / "cm.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}))
+    (tmp_path / "inner" / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [".."]}))
+    assert [d["kind"] for d in render(tmp_path)] == ["ConfigMap"]
+    with pytest.raises(AssertionError, match="cycle detected"):
+        render(tmp_path / "inner")
