@@ -165,7 +165,8 @@ def _median(samples: list[dict[str, Any]], key: str, field: str = "pairs_per_s")
 def render(r: dict[str, Any], loads: list[Workload], rounds: int, note: str) -> str:
     names = [w.name for w in loads]
     head = (f"`python -m bench.modes {note}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
-            f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores, torch threads = cores; "
+            f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores, "
+            "inference threads = the server's default (--threads 0: half the cores); "
             f"{rounds} round(s), medians; load average (1, 5, 15 min) at start and after each round: "
             f"{' | '.join(r['load'])}.")  # fmt: skip
     lines = [head, "", f"| mode | backend | {' | '.join(f'{n} pairs/s' for n in names)} | vs fp32 | 1 x 10 p50 ms "

@@ -293,6 +293,7 @@ class RerankServer:
             "max_batch_tokens": b.max_batch_tokens if b else c.max_batch_tokens,
             "batching": b.source if b else "",
             "tokenize": self.service.scoring.tokenizing.describe() if self.service.scoring else "",
+            "threads": c.torch_threads,  # inference threads on CPU (--threads)
             "shapes": self.service.scoring.shapes if self.service.scoring else "",
             "max_wait_ms": c.max_wait_ms,
             "max_queue_pairs": c.max_queue_pairs,

@@ -398,7 +398,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--threads",
         type=int,
         default=d["threads"],
-        help="torch CPU threads; 0 = half the cores this process may use (its CPU affinity and cgroup limit), "
+        help="inference threads on CPU (torch, or ONNX Runtime for int8); 0 = half the cores this process may use "
+        "(its CPU affinity and cgroup limit), "
         "at least 1 (%(default)s)",
     )
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")

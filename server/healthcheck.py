@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import Config, load_config
+from server.config import Config, ConfigError, load_config
 
 
 def _read(path: str) -> bytes:
@@ -73,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    config = load_config([])  # the same RERANKER_* variables the server started with
+    try:
+        config = load_config([])  # the same RERANKER_* variables the server started with
+    except ConfigError as exc:  # one line, as the server says it (which then did not start either)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     target = args.target or _local_target(config)
     try:
         tls = credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None

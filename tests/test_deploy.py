@@ -209,6 +209,16 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
         assert healthcheck.check(f"127.0.0.1:{port}", timeout=2) == "UNAVAILABLE"
 
 
+def test_healthcheck_names_a_bad_environment_value_in_one_line() -> None:
+    env = {**os.environ, "RERANKER_FP16": "maybe"}
+    done = subprocess.run([sys.executable, "-m", "server.healthcheck"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "python -m server.healthcheck: error: RERANKER_FP16='maybe': not a boolean: use 1/true/yes/on or 0/false/no/off"
+    ]
+
+
 # --- Kubernetes ----------------------------------------------------------------------------------
 
 
@@ -477,7 +487,9 @@ def test_an_overlay_inside_its_own_base_is_refused_as_kubectl_does(tmp_path: Pat
     use now applies the same rule, so the layout of deploy/k8s cannot regress unseen."""
     (tmp_path / "inner").mkdir()
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["cm.yaml"]}))
-    (tmp_path / "cm.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}))
+    (tmp_path / "cm.yaml").write_text(
+        yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    )
     (tmp_path / "inner" / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [".."]}))
     assert [d["kind"] for d in render(tmp_path)] == ["ConfigMap"]
     with pytest.raises(AssertionError, match="cycle detected"):

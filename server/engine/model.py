@@ -359,7 +359,7 @@ class RerankerModel:
         try:
             example = self._arrays(pair, 2, len(pair[1]))
             path, cached = onnx_int8.cached_model(self.path, key, example, config.quantize_cache)
-            self.launcher = onnx_int8.OnnxLauncher(path, config.threads or os.cpu_count() or 1)
+            self.launcher = onnx_int8.OnnxLauncher(path, config.torch_threads)
         except precision.PrecisionError as exc:
             raise ModelLoadError(str(exc)) from None
         self.backend = "onnxruntime"
