@@ -135,6 +135,7 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print("| path | pairs/s | ms per batch | scoring output per batch | max abs diff in P(yes) |")
     print("| --- | ---: | ---: | ---: | ---: |")
+
     def diff(scores: list[float]) -> float:
         return max(abs(a - b) for a, b in zip(ref, scores, strict=True))
 

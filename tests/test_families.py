@@ -322,8 +322,15 @@ async def test_qwen3_long_documents_chunk_scores_each_window_whole(
     for w in windows[1:]:  # the first is the passage itself, cut as TRUNCATE cuts it
         assert len(engine.encode([(query, w)], options)[0]) < 128  # whole: nothing truncated
     resp = await stub.Rerank(
-        _request(query, [passage], "qwen3", max_length=128, instruction=instruction, normalize=True,
-                 long_documents=pb.LONG_DOCUMENTS_CHUNK)  # fmt: skip
+        _request(
+            query,
+            [passage],
+            "qwen3",
+            max_length=128,
+            instruction=instruction,
+            normalize=True,
+            long_documents=pb.LONG_DOCUMENTS_CHUNK,
+        )  # fmt: skip
     )
     ref = Qwen3Reference(paths["qwen3"], max_length=128)
     assert resp.usage.windows == len(windows)

@@ -486,8 +486,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("directory")
     parser.add_argument(
-        "--shape", choices=sorted({*SHAPES, *QWEN3_SHAPES}), default="tiny", help="cross-encoder: tiny, base; "
-        "qwen3-reranker: tiny, small"
+        "--shape",
+        choices=sorted({*SHAPES, *QWEN3_SHAPES}),
+        default="tiny",
+        help="cross-encoder: tiny, base; qwen3-reranker: tiny, small",
     )
     kinds = ("cross-encoder", "bert", "gemma", "qwen2", "layerwise", "lightweight", "qwen3-reranker", *BUILDERS)
     parser.add_argument("--kind", choices=kinds, default="cross-encoder")
