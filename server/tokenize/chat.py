@@ -34,7 +34,7 @@ class ChatTemplate:
     default_instruction: str
     answers: tuple[str, str] = ("yes", "no")
     tail: tuple[str, ...] = ()  # texts tokenized one by one, between the pair and the suffix
-    parts: Parts | None = None  # the pair tokenized in parts instead of `middle` (max_length then excludes the template)
+    parts: Parts | None = None  # the pair in parts instead of `middle` (max_length then excludes the template)
 
 
 QWEN3_RERANKER = ChatTemplate(
