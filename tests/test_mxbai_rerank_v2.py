@@ -213,3 +213,21 @@ def test_detection_by_name_only(model_dir: Path, tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         engine = load_engine(test_config(unnamed, model_type=MODEL_TYPE), str(unnamed), "m")
     assert engine.family == FAMILY and engine.max_width == 512 + engine.encoder.overhead
+
+
+def test_inputs_through_a_tokenizer_worker_equal_in_process(model_dir: Path) -> None:
+    """The encoder (template in parts, the model's position limit) pickles to a worker process: the same ids."""
+    from server.tokenize.workers import TokenizerWorkers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = load_engine(test_config(model_dir), str(model_dir), "m")
+    pairs = [("what is panda?", s) for s in SENTENCES] + [(LONG[:3000], LONG)]
+    workers = TokenizerWorkers(engine.encoder, 1)
+    workers.start()
+    try:
+        for o in (None, Options(instruction=INSTRUCTION, max_length=64)):
+            ours, theirs = workers.encode(pairs, o), engine.encode(pairs, o)
+            assert [list(e.input_ids) for e in ours] == [list(e.input_ids) for e in theirs]
+    finally:
+        workers.close()
