@@ -15,7 +15,7 @@ from server.tracing import wanted as tracing_wanted
 
 DEFAULT_MODEL = "BAAI/bge-reranker-base"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise", "lightweight", "qwen3-reranker")
+MODEL_TYPES = ("auto", "cross-encoder", "llm", "layerwise", "lightweight", "qwen3-reranker", "mxbai-rerank-v2")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")  # --dtype (server/engine/precision.py)
 
 
@@ -456,7 +456,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         default=d["model_type"],
         help="the reranker family whose recipe scores the model: cross-encoder (FlagReranker), llm (FlagLLMReranker, "
         "e.g. bge-reranker-v2-gemma), layerwise (LayerWiseFlagLLMReranker), lightweight "
-        "(LightWeightFlagLLMReranker), qwen3-reranker (Qwen3-Reranker's chat template and yes/no head); auto serves "
+        "(LightWeightFlagLLMReranker), qwen3-reranker (Qwen3-Reranker's chat template and yes/no head), "
+        "mxbai-rerank-v2 (the mxbai-rerank package's prompt and 1/0 head); auto serves "
         "only a family it recognises for certain (README: the families table) (%(default)s)",
     )
     p.add_argument(

@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,8 @@ _COMPAT_LOCK = threading.Lock()  # layerwise_compat patches classes: one load at
 
 
 QWEN3_TOKENS = ("yes", "no", "<|im_start|>", "<|im_end|>", "<think>", "</think>")  # Qwen3-Reranker's recipe reads
+# mxbai-rerank-base-v2, -large-v2 and their copies: its config and tokenizer are any Qwen2's, so only the name tells
+MXBAI_V2_NAME = re.compile(r"mxbai-rerank[^\s/]*v2")
 
 
 def model_kind(path: str, override: str = "auto", name: str = "") -> str:
@@ -80,18 +83,21 @@ def model_kind(path: str, override: str = "auto", name: str = "") -> str:
 
 
 def _causal_family(path: str, cfg: dict[str, Any], names: str) -> str:
-    """A *ForCausalLM's family: Qwen3-Reranker (a Qwen3 LM with the template's tokens), a BAAI bge-reranker (by its
-    name), else refused with one line naming --model-type."""
+    """A *ForCausalLM's family: Qwen3-Reranker (a Qwen3 LM with the template's tokens), mxbai-rerank v2 or a BAAI
+    bge-reranker (by name), else refused with one line naming --model-type."""
     archs = cfg.get("architectures") or []
     if "Qwen3ForCausalLM" in archs and ("qwen3-reranker" in names or _has_tokens(path, QWEN3_TOKENS)):
         return "qwen3-reranker"
+    if MXBAI_V2_NAME.search(names):
+        return "mxbai-rerank-v2"
     if "bge-reranker" in names:  # BAAI/bge-reranker-v2-gemma and its fine-tunes, by name
         return "llm"
     raise ModelLoadError(
         f"{path} is a causal LM (architectures={archs}) whose reranking recipe cannot be told for certain from its "
         "config, tokenizer or name; scoring it with another family's prompt would give meaningless scores. Pass "
         "--model-type llm (FlagLLMReranker: bge-reranker-v2-gemma's prompt and 'Yes' logit) or --model-type "
-        f"qwen3-reranker (Qwen3-Reranker's template, yes/no); all values: {', '.join(MODEL_TYPES)}"
+        "qwen3-reranker (Qwen3-Reranker's template, yes/no) or --model-type mxbai-rerank-v2 (the mxbai-rerank "
+        f"package's prompt, 1/0); all values: {', '.join(MODEL_TYPES)}"
     )
 
 
@@ -291,7 +297,7 @@ class LLMRerankerModel:
                 f"--dtype {requested} for model {self.name!r}: the decoder-only rerankers ({kind}) run fp32 on CPU and "
                 "fp16 on CUDA here; bf16 and int8 are cross-encoder modes"
             )
-        if requested == "fp32" and kind in ("llm", "qwen3-reranker"):
+        if requested == "fp32" and kind in ("llm", "qwen3-reranker", "mxbai-rerank-v2"):
             self.fp16 = False
         elif requested == "fp16":
             self.fp16 = self._cuda

@@ -7,7 +7,7 @@ from typing import Any
 from server.config import Config
 from server.engine.llm_model import LLMRerankerModel, model_kind
 from server.engine.model import RerankerModel, resolve_model_path
-from server.engine.qwen3 import Qwen3RerankerModel
+from server.engine.qwen3 import MxbaiRerankV2Model, Qwen3RerankerModel
 
 
 def load_engine(config: Config, model: str, name: str) -> Any:
@@ -18,6 +18,8 @@ def load_engine(config: Config, model: str, name: str) -> Any:
         return RerankerModel(config, path, name)
     if kind == "qwen3-reranker":
         return Qwen3RerankerModel(config, path, name)
+    if kind == "mxbai-rerank-v2":
+        return MxbaiRerankV2Model(config, path, name)
     if kind == "lightweight":
         from server.engine.lightweight import LightweightModel  # FlagEmbedding's model code, imported when served
 

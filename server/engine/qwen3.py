@@ -1,4 +1,5 @@
-"""Qwen3-Reranker: a Qwen3 causal LM scored by P(yes) over the "no"/"yes" logits after a fixed chat template.
+"""Chat-template yes/no rerankers: Qwen3-Reranker (P(yes) over the "no"/"yes" logits) and mxbai-rerank v2 (a Qwen2
+LM, "1" against "0"), each a causal LM scored at the last position after its fixed template (server.tokenize.chat).
 
 The model card's reference code computes the whole vocabulary's logits at every position, then keeps the last
 position's "no" and "yes" entries. Here the last real token's hidden state (already through the final norm) meets a
@@ -20,18 +21,15 @@ from server.config import Config
 from server.engine.launch import Launcher
 from server.engine.llm_model import LLMRerankerModel, load_errors
 from server.engine.model import ModelLoadError, _quiet_progress_bars, place
-from server.tokenize.chat import QWEN3_RERANKER, ChatEncoder
+from server.tokenize.chat import MXBAI_RERANK_V2, QWEN3_RERANKER, ChatEncoder, ChatTemplate
 from server.tokenize.options import Options
 
 log = logging.getLogger(__name__)
 
-YES, NO = "yes", "no"
-
 
 class ChunkingRules:
     """What server.chunking.Splitter reads of a FlagEmbedding reranker, for a chat-template one: the template's text
-    before the document stands as the query (not cut apart: the template is truncated whole), the document as the
-    passage."""
+    before the document stands as the query, the document's text as the passage (ChatEncoder.halves)."""
 
     query_max_length = 0
 
@@ -41,36 +39,39 @@ class ChunkingRules:
         self.instruction = instruction
 
     def get_detailed_inputs(self, pairs: Sequence[Sequence[str]]) -> list[list[str]]:
-        return [[self.encoder.texts([(q, "")], self.instruction)[0], p] for q, p in pairs]
+        return [list(self.encoder.halves(q, p, self.instruction)) for q, p in pairs]
 
 
 class Qwen3RerankerModel(LLMRerankerModel):
     """Qwen3-Reranker (0.6B, 4B, 8B) on one device; scores equal the model card's reference code."""
 
     family = "qwen3-reranker"
+    title = "Qwen3-Reranker"  # how messages name the family
+    template: ChatTemplate = QWEN3_RERANKER
     default_instruction = QWEN3_RERANKER.default_instruction
-    options = frozenset({"instruction"})  # the template is truncated whole: no separate query limit
+    options = frozenset({"instruction"})  # the template's own query limit, if any: no separate one per request
 
     def __init__(self, config: Config, path: str, name: str | None = None) -> None:
-        snapshot = self._begin(config, path, "qwen3-reranker", name)
+        snapshot = self._begin(config, path, self.family, name)
         self.tokenizer, self.model = self._load(config, path)
         self._check_limits(config, path)
         self._head = self._yes_minus_no(path)
         self.parameters = place(self.model, self.device, self.fp16, snapshot)
         self._head = self._head.to(self.device)
-        self.encoder = ChatEncoder(self.tokenizer, config.max_length, QWEN3_RERANKER)
-        if config.max_length <= self.encoder.overhead:
+        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        self.encoder = ChatEncoder(self.tokenizer, config.max_length, self.template, limit)
+        if self.encoder.room(config.max_length) < 1:
             raise ModelLoadError(
-                f"--max-length {config.max_length} leaves no room for a pair: Qwen3-Reranker's template alone takes "
+                f"--max-length {config.max_length} leaves no room for a pair: {self.title}'s template alone takes "
                 f"{self.encoder.overhead} tokens"
             )
         self._pad_id = self.tokenizer.pad_token_id or 0  # padded positions are masked: any id will do
-        self.max_width = config.max_length
+        self.max_width = self.encoder.width(config.max_length)
         self.launcher = Launcher(self.model, self.device, self._scores, causal=True, buckets=None)
 
     def refuse(self, o: Options) -> str | None:
         why = super().refuse(o)
-        if why is None and o.max_length and o.max_length <= self.encoder.overhead:
+        if why is None and o.max_length and self.encoder.room(o.max_length) < 1:
             return (
                 f"max_length {o.max_length} leaves no room for a pair: model {self.name!r}'s template alone takes "
                 f"{self.encoder.overhead} tokens"
@@ -79,23 +80,25 @@ class Qwen3RerankerModel(LLMRerankerModel):
 
     def splitter(self, o: Options, tokenizer: Any) -> Splitter:
         """Windows that fit beside the template (prefix, suffix, the instruction and query lines) and the query."""
-        budget = (o.max_length or self.max_length) - self.encoder.overhead
-        return Splitter(ChunkingRules(tokenizer, self.encoder, o.instruction), budget, tokenizer, budget)
+        max_length = o.max_length or self.max_length
+        rules = ChunkingRules(tokenizer, self.encoder, o.instruction)
+        return Splitter(rules, self.encoder.room(max_length), tokenizer, self.encoder.query_room(max_length))
 
     def _load(self, config: Config, path: str) -> tuple[Any, Any]:  # type: ignore[override]
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_progress_bars()
-        with load_errors(path, "Qwen3"):
+        with load_errors(path, self.title):
             tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return tokenizer, model
 
     def _yes_minus_no(self, path: str) -> torch.Tensor:
         """The one-row head, lm_head[yes] - lm_head[no]; the full head is freed where it is not the embeddings."""
-        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in (YES, NO)]
+        yes, no = self.template.answers
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in (yes, no)]
         if any(i is None or i == self.tokenizer.unk_token_id for i in ids):
-            raise ModelLoadError(f"{path}'s tokenizer has no single {YES!r} and {NO!r} tokens: not Qwen3-Reranker")
+            raise ModelLoadError(f"{path}'s tokenizer has no single {yes!r} and {no!r} tokens: not {self.title}")
         head = self.model.get_output_embeddings()
         weight = head.weight.detach()
         vector = (weight[ids[0]].float() - weight[ids[1]].float()).clone()
@@ -116,3 +119,13 @@ class Qwen3RerankerModel(LLMRerankerModel):
     def launch(self, batch: Sequence[Any]) -> Any:
         rows, width = self.launcher.shape(len(batch), max(len(e) for e in batch))
         return self.launcher.launch(self._arrays(batch, rows, width), len(batch))
+
+
+class MxbaiRerankV2Model(Qwen3RerankerModel):
+    """mxbai-rerank-base-v2 / -large-v2 (Qwen2); raw scores equal the `mxbai-rerank` package's MxbaiRerankV2.predict.
+    max_length counts the query and document tokens, as the package's does; the template comes on top."""
+
+    family = "mxbai-rerank-v2"
+    title = "mxbai-rerank v2"
+    template = MXBAI_RERANK_V2
+    default_instruction = MXBAI_RERANK_V2.default_instruction
