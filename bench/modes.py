@@ -83,10 +83,13 @@ def _load_line() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _start_server(stack: contextlib.ExitStack, model: str, mode: str, tmp: Path) -> tuple[Any, str, str, dict]:
+def _start_server(
+    stack: contextlib.ExitStack, model: str, mode: str, tmp: Path, threads: int = 0
+) -> tuple[Any, str, str, dict]:
     """Our server in `mode` with the REST bridge; (process, gRPC target, REST URL, what GetModelInfo says)."""
     port, rest = free_port(), free_port()
     flags = ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest), "--log-level", "WARNING"]
+    flags += ["--threads", str(threads)]
     flags += ["--rest-deadline-s", str(drive.DEADLINE_S)]  # fp32 on a busy 2-core machine: 160 pairs > 30 s
     # the conversion is part of the int8 server's first start, as in a fresh deployment
     args = [sys.executable, "-m", "server", "--model", model, "--dtype", mode, "--quantize-cache", str(tmp / "int8")]
@@ -117,13 +120,14 @@ def _start_infinity(stack: contextlib.ExitStack, model: str, site: str, tmp: Pat
 
 
 def run(model: str, loads: list[Workload], sequential: list[tuple[str, list[str]]], rounds: int, modes: list[str],
-        infinity_site: str, tmp: Path) -> dict[str, Any]:  # fmt: skip
+        infinity_site: str, tmp: Path, threads: int = 0) -> dict[str, Any]:  # fmt: skip
     """Every mode's server (and Infinity's), all up, measured in turn round by round; every sample taken."""
     out: dict[str, Any] = {"grpc": {m: [] for m in modes}, "http": {}, "info": {}, "load": [_load_line()]}
+    out["threads"] = threads
     with contextlib.ExitStack() as stack:
         servers = {}
         for mode in modes:
-            proc, target, url, out["info"][mode] = _start_server(stack, model, mode, tmp)
+            proc, target, url, out["info"][mode] = _start_server(stack, model, mode, tmp, threads)
             servers[mode] = (proc, target, url)
         http: dict[str, tuple[Any, str]] = {}
         if infinity_site:
@@ -166,7 +170,7 @@ def render(r: dict[str, Any], loads: list[Workload], rounds: int, note: str) -> 
     names = [w.name for w in loads]
     head = (f"`python -m bench.modes {note}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
             f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores, "
-            "inference threads = the server's default (--threads 0: half the cores); "
+            f"our inference threads: {r.get('threads') or 'the default (--threads 0: half the cores)'}; "
             f"{rounds} round(s), medians; load average (1, 5, 15 min) at start and after each round: "
             f"{' | '.join(r['load'])}.")  # fmt: skip
     lines = [head, "", f"| mode | backend | {' | '.join(f'{n} pairs/s' for n in names)} | vs fp32 | 1 x 10 p50 ms "
@@ -200,6 +204,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (%(default)s)")
     parser.add_argument("--infinity-site", default="", help="directory holding infinity_emb and its server packages")
+    parser.add_argument("--threads", type=int, default=0, help="our servers' --threads (%(default)s: their default)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update bench/README.md")
     args = parser.parse_args()
     model = model_dir(args.shape, args.model)
@@ -207,7 +212,8 @@ def main() -> None:
     big, small, _ = build_workloads(model, {"big": 300, "clients": 16, "rounds": 1, "mixed": 1})
     loads = [Workload("16 clients x (1 x 10)", small.clients, small.requests), Workload("1 x 300", 1, big.requests)]
     with tempfile.TemporaryDirectory(prefix="bench-modes-") as tmp:
-        results = run(model, loads, small.requests[:SEQUENTIAL], args.rounds, modes, args.infinity_site, Path(tmp))
+        results = run(model, loads, small.requests[:SEQUENTIAL], args.rounds, modes, args.infinity_site, Path(tmp),
+                      args.threads)  # fmt: skip
     note = " ".join(a for a in sys.argv[1:])
     text = render(results, loads, args.rounds, note)
     print(text)
