@@ -170,7 +170,7 @@ def render(r: dict[str, Any], loads: list[Workload], rounds: int, note: str) -> 
     names = [w.name for w in loads]
     head = (f"`python -m bench.modes {note}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
             f"{platform.processor() or platform.machine()} x {os.cpu_count()} cores, "
-            f"our inference threads: {r.get('threads') or 'the default (--threads 0: half the cores)'}; "
+            f"our inference threads: {r.get('threads') or 'the default (--threads 0: every usable core)'}; "
             f"{rounds} round(s), medians; load average (1, 5, 15 min) at start and after each round: "
             f"{' | '.join(r['load'])}.")  # fmt: skip
     lines = [head, "", f"| mode | backend | {' | '.join(f'{n} pairs/s' for n in names)} | vs fp32 | 1 x 10 p50 ms "

@@ -82,7 +82,7 @@ class Config:
     max_queue_pairs: int = 8192
     max_candidates: int = 1000
     max_text_chars: int = 20000
-    threads: int = 0  # torch intra-op threads on CPU; 0 = half the cores this process may use, at least 1
+    threads: int = 0  # inference threads on CPU (torch intra-op, ONNX Runtime); 0 = the cores this process may use
     grace_s: float = 10.0
     log_level: str = "INFO"
     rest_port: int = 0  # REST bridge in the same process; 0 = off
@@ -229,13 +229,14 @@ class Config:
 
     @property
     def torch_threads(self) -> int:
-        """--threads, or for 0 half the cores this process may use (see usable_cpus), at least 1.
+        """--threads, or for 0 the cores this process may use (see usable_cpus), as torch itself would take.
 
-        The other half is left to the tokenizing threads (also half by default), the event loop and any neighbour:
-        a forward pass in N threads waits at every barrier for the slowest, so on busy cores fewer threads answer
-        sooner (bench/threads.py).
+        Measured on 2 calm cores, base shape (bench.modes --threads): 2 threads made 16.3 pairs/s at 16 clients
+        against 7.4 with 1. Beside busy neighbours fewer threads answer sooner (bench/threads.py: 1.5x at the
+        median), which `python -m server`'s passive OpenMP waits keep from becoming a collapse; there, or with
+        other work on the cores, --threads sets fewer.
         """
-        return self.threads or max(1, usable_cpus() // 2)
+        return self.threads or usable_cpus()
 
 
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
@@ -398,9 +399,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--threads",
         type=int,
         default=d["threads"],
-        help="inference threads on CPU (torch, or ONNX Runtime for int8); 0 = half the cores this process may use "
-        "(its CPU affinity and cgroup limit), "
-        "at least 1 (%(default)s)",
+        help="inference threads on CPU (torch, or ONNX Runtime for int8); 0 = the cores this process may use "
+        "(its CPU affinity and cgroup limit) (%(default)s)",
     )
     p.add_argument("--grace-s", type=float, default=d["grace_s"], help="shutdown grace in seconds (%(default)s)")
     p.add_argument("--log-level", default=d["log_level"], help="DEBUG, INFO, WARNING, ERROR (%(default)s)")

@@ -48,7 +48,9 @@ def flag_reranker(model_dir: Path) -> Any:
 
 
 def test_config(model_dir: Path, **overrides: Any) -> Config:
-    values: dict[str, Any] = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "grace_s": 2.0}
+    # threads=1: the in-process servers share pytest's process, whose OpenMP threads spin (python -m server's
+    # passive waits are set before torch loads, which pytest's process has done already)
+    values: dict[str, Any] = {"model": str(model_dir), "host": "127.0.0.1", "port": 0, "grace_s": 2.0, "threads": 1}
     values.update(overrides)
     return Config(**values)
 

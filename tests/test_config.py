@@ -154,7 +154,7 @@ def test_python_m_clients_names_itself() -> None:
 def test_torch_threads_default_to_the_cores_this_process_may_use(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """0: half the CPU affinity, capped by a cgroup v2 CPU limit (rounded up), at least 1; a number as given."""
+    """0: the CPU affinity, capped by a cgroup v2 CPU limit (rounded up), at least 1; a number as given."""
     cpu_max = tmp_path / "cpu.max"
     monkeypatch.setattr(config_module, "CGROUP_CPU_MAX", str(cpu_max))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
@@ -164,4 +164,4 @@ def test_torch_threads_default_to_the_cores_this_process_may_use(
         else:
             cpu_max.write_text(text + "\n")
         assert config_module.usable_cpus() == cpus, text
-        assert Config().torch_threads == max(1, cpus // 2) and Config(threads=3).torch_threads == 3
+        assert Config().torch_threads == cpus and Config(threads=3).torch_threads == 3
