@@ -59,6 +59,11 @@ class Dialect(Generic[R]):
         return frozenset(self.model.model_fields)
 
 
+def body_model(req: Any) -> str:
+    """The model a body's `model` field names ("" when absent): the `asked_model` of most dialects."""
+    return req.model or ""
+
+
 def _top_n(top_n: int | None, count: int) -> int:
     return top_n if top_n is not None and top_n < count else 0  # 0: all (a huge top_n too)
 
@@ -196,7 +201,7 @@ COHERE_V1 = Dialect(
     CohereV1RerankRequest,
     _v1_request,
     _v1_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/cohere/v1/rerank",
     error=cohere_error,
 )
@@ -236,7 +241,7 @@ COHERE_V2 = Dialect(
     CohereV2RerankRequest,
     _v2_request,
     _v2_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/cohere/v2/rerank",
     error=cohere_error,
     limits=lambda req, limit: doc_tokens_fit("max_tokens_per_doc", req.max_tokens_per_doc, limit),

@@ -7,7 +7,7 @@ from typing import Any
 
 from reranker_proto import reranker_pb2 as pb
 from rest_bridge.config import BridgeConfig
-from rest_bridge.dialects import Dialect, _top_n
+from rest_bridge.dialects import Dialect, _top_n, _usage, body_model
 from rest_bridge.models_vendors import (
     MixedbreadRerankRequest,
     MixedbreadRerankResponse,
@@ -64,7 +64,7 @@ VOYAGE = Dialect(
     VoyageRerankRequest,
     _voyage_request,
     _voyage_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/voyage/v1/rerank",
     error=detail_error,
     too_long=_voyage_too_long,
@@ -89,7 +89,7 @@ def _mixedbread_answer(
             item["input"] = req.input[r.index]
         data.append(item)
     return {
-        "usage": {"prompt_tokens": resp.usage.tokens, "total_tokens": resp.usage.tokens},
+        "usage": _usage(resp),
         "model": resp.model,
         "data": data,
         "object": "list",
@@ -103,7 +103,7 @@ MIXEDBREAD = Dialect(
     MixedbreadRerankRequest,
     _mixedbread_request,
     _mixedbread_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/v1/reranking",
     error=detail_error,
 )
@@ -121,7 +121,7 @@ def _nim_request(req: NimRankingRequest, config: BridgeConfig) -> pb.RerankReque
 def _nim_answer(req: NimRankingRequest, resp: pb.RerankResponse, request_id: str) -> NimRankingResponse:
     return {
         "rankings": [{"index": r.index, "logit": r.score} for r in resp.results],
-        "usage": {"prompt_tokens": resp.usage.tokens, "total_tokens": resp.usage.tokens},
+        "usage": _usage(resp),
     }
 
 
@@ -137,7 +137,7 @@ NIM = Dialect(
     NimRankingRequest,
     _nim_request,
     _nim_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/v1/ranking",
     error=nim_error,
     too_long=_nim_too_long,

@@ -11,7 +11,7 @@ from typing import Any
 
 from reranker_proto import reranker_pb2 as pb
 from rest_bridge.config import BridgeConfig
-from rest_bridge.dialects import Dialect, _top_n, doc_tokens_fit
+from rest_bridge.dialects import Dialect, _top_n, _usage, body_model, doc_tokens_fit
 from rest_bridge.errors import BadRequest
 from rest_bridge.models_vllm import (
     VllmRerankRequest,
@@ -71,10 +71,6 @@ def _too_long(what: str) -> Any:
     return message
 
 
-def _usage(resp: pb.RerankResponse) -> dict[str, int]:
-    return {"prompt_tokens": resp.usage.tokens, "total_tokens": resp.usage.tokens}
-
-
 def _grpc(req: _VllmRequest, **fields: Any) -> pb.RerankRequest:
     return _fit(req).to(
         pb.RerankRequest(
@@ -108,7 +104,7 @@ VLLM_RERANK = Dialect(
     VllmRerankRequest,
     _rerank_request,
     _rerank_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/vllm/v1/rerank",
     error=vllm_error,
     too_long=_too_long("documents"),
@@ -146,7 +142,7 @@ VLLM_SCORE = Dialect(
     VllmScoreRequest,
     _score_request,
     _score_answer,
-    lambda req: req.model or "",
+    body_model,
     home="/vllm/score",
     error=vllm_error,
     too_long=_score_too_long,

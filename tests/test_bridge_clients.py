@@ -1,5 +1,5 @@
 """Published clients against a real bridge on a real port: the `cohere` SDK (v1 and v2), `infinity-client`,
-`voyageai` and `mixedbread`."""
+`voyageai`, `mixedbread` and LangChain's NVIDIA integration (NIM's `/v1/ranking`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import voyageai.error
 from infinity_client import Client as InfinityClient
 from infinity_client.api.default import rerank as infinity_rerank
 from infinity_client.models import RerankInput, ReRankResult
+from langchain_core.documents import Document
+from langchain_nvidia_ai_endpoints import NVIDIARerank
 from mixedbread import Mixedbread
 
 from rest_bridge import BridgeConfig, start_bridge
@@ -119,3 +121,18 @@ def test_mixedbread_client(url: str, flag_reranker: Any) -> None:
     with pytest.raises(mixedbread.BadRequestError) as err:
         mx.rerank(query=QUERY, input=[{"title": "no text"}])
     assert err.value.status_code == 400 and err.value.body == {"detail": 'input[0] is an object without "text"'}
+
+
+def test_nvidia_langchain_client_on_the_nim_ranking_api(url: str, flag_reranker: Any) -> None:
+    """NVIDIARerank with a self-hosted base_url posts NIM's `{model, query: {text}, passages: [{text}], truncate}`
+    to /v1/ranking and reads `rankings[].logit`: raw scores, best first, its top_n kept."""
+    rerank = NVIDIARerank(base_url=f"{url}/v1", model="nvidia/llama-3.2-nv-rerankqa-1b-v2", top_n=2, truncate="END")
+    docs = [*DOCS, LONG[0]]  # the long one is cut (truncate END), not refused
+    out = rerank.compress_documents(documents=[Document(page_content=d) for d in docs], query=QUERY)
+    raw = reference(flag_reranker, [[QUERY, d] for d in DOCS], normalize=False)
+    assert len(out) == 2 and all(d.page_content in docs for d in out)
+    scores = [d.metadata["relevance_score"] for d in out]
+    assert scores == sorted(scores, reverse=True)
+    for d in out:
+        if d.page_content in DOCS:
+            assert d.metadata["relevance_score"] == pytest.approx(raw[DOCS.index(d.page_content)], abs=1e-5)
