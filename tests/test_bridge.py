@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from rest_bridge import BridgeConfig, create_app
 from server.app import RerankServer
+from tests.conftest import FP32_REORDERED
 
 PANDA = (
     "The giant panda (Ailuropoda melanoleuca), sometimes called a panda bear or simply panda, "
@@ -41,7 +42,7 @@ def reference(flag_reranker: Any, pairs: list[list[str]], normalize: bool = Fals
 def assert_close(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        assert g == pytest.approx(w, abs=1e-6)
+        assert g == pytest.approx(w, **FP32_REORDERED)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from rest_bridge import BridgeConfig, create_app
 from rest_bridge.config import load_bridge_config
 from server.app import RerankServer
+from tests.conftest import FP32_REORDERED
 from tests.test_bridge import PANDA, assert_close, reference
 from tests.test_chunking import LONG
 
@@ -52,7 +53,7 @@ async def test_nim_truncate_end_matches_compute_score_and_none_refuses(bridge: T
     resp = await bridge.post("/v1/ranking", json={**body, "truncate": "END"})
     want = reference(flag_reranker, [[QUERY, "hi"], [QUERY, LONG[0]]])
     assert {r["index"]: r["logit"] for r in (await resp.json())["rankings"]} == pytest.approx(
-        dict(enumerate(want)), abs=1e-5
+        dict(enumerate(want)), **FP32_REORDERED
     )
     for refused in (body, {**body, "truncate": "NONE"}):  # NONE is NIM's default
         resp = await bridge.post("/v1/ranking", json=refused)
@@ -109,7 +110,7 @@ async def test_voyage_truncation_matches_compute_score(bridge: TestClient, flag_
     body = {"query": QUERY, "documents": ["hi", LONG[0]], "truncation": True}
     got = (await (await bridge.post("/v1/rerank", json=body)).json())["data"]
     want = reference(flag_reranker, [[QUERY, "hi"], [QUERY, LONG[0]]], normalize=True)
-    assert {r["index"]: r["relevance_score"] for r in got} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert {r["index"]: r["relevance_score"] for r in got} == pytest.approx(dict(enumerate(want)), **FP32_REORDERED)
 
 
 async def test_cohere_v2_max_tokens_per_doc(bridge: TestClient) -> None:

@@ -15,6 +15,7 @@ from rest_bridge.dialects_vllm import VLLM_RERANK, VLLM_SCORE
 from rest_bridge.models import parse
 from server.app import RerankServer
 from server.chunking import Splitter
+from tests.conftest import FP32_REORDERED
 from tests.test_bridge import PANDA, assert_close
 from tests.test_chunking import LONG
 
@@ -77,11 +78,13 @@ async def test_truncate_prompt_tokens_and_side_match_compute_score(bridge: TestC
     body: dict[str, Any] = {"query": QUERY, "documents": DOCS, "truncate_prompt_tokens": 64, "use_activation": False}
     got = await (await bridge.post("/vllm/rerank", json=body)).json()
     want = scores(flag_reranker, [[QUERY, d] for d in DOCS], max_length=64)
-    assert {r["index"]: r["relevance_score"] for r in got["results"]} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert {r["index"]: r["relevance_score"] for r in got["results"]} == pytest.approx(
+        dict(enumerate(want)), **FP32_REORDERED
+    )
     whole = await (await bridge.post("/vllm/rerank", json={**body, "truncate_prompt_tokens": -1})).json()
     want = scores(flag_reranker, [[QUERY, d] for d in DOCS])  # -1: the model's own limit
     assert {r["index"]: r["relevance_score"] for r in whole["results"]} == pytest.approx(
-        dict(enumerate(want)), abs=1e-5
+        dict(enumerate(want)), **FP32_REORDERED
     )
 
 
@@ -90,7 +93,7 @@ async def test_truncation_side_left_keeps_the_end(bridge: TestClient, engine: An
     got = await (await bridge.post("/vllm/rerank", json={**body, "use_activation": False})).json()
     (last,) = Splitter(engine.flag, 128).split(QUERY, LONG[0], keep_end_only=True)
     assert got["results"][0]["relevance_score"] == pytest.approx(
-        scores(flag_reranker, [[QUERY, last]], max_length=128)[0], abs=1e-5
+        scores(flag_reranker, [[QUERY, last]], max_length=128)[0], **FP32_REORDERED
     )
 
 
@@ -99,7 +102,9 @@ async def test_max_tokens_per_query_matches_query_max_length(bridge: TestClient,
     body = {"query": query, "documents": DOCS[:2], "max_tokens_per_query": 16, "truncate_prompt_tokens": -1}
     got = await (await bridge.post("/vllm/rerank", json={**body, "use_activation": False})).json()
     want = scores(flag_reranker, [[query, d] for d in DOCS[:2]], query_max_length=16)
-    assert {r["index"]: r["relevance_score"] for r in got["results"]} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert {r["index"]: r["relevance_score"] for r in got["results"]} == pytest.approx(
+        dict(enumerate(want)), **FP32_REORDERED
+    )
 
 
 async def test_over_long_pair_is_refused_without_truncate_prompt_tokens(bridge: TestClient, engine: Any) -> None:
@@ -118,7 +123,9 @@ async def test_max_tokens_per_doc_is_honoured_only_where_it_cannot_bind(bridge: 
     body: dict[str, Any] = {"query": QUERY, "documents": DOCS, "truncate_prompt_tokens": 64, "use_activation": False}
     same = await (await bridge.post("/vllm/rerank", json={**body, "max_tokens_per_doc": 64})).json()
     want = scores(flag_reranker, [[QUERY, d] for d in DOCS], max_length=64)
-    assert {r["index"]: r["relevance_score"] for r in same["results"]} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert {r["index"]: r["relevance_score"] for r in same["results"]} == pytest.approx(
+        dict(enumerate(want)), **FP32_REORDERED
+    )
     resp = await bridge.post("/vllm/rerank", json={**body, "max_tokens_per_doc": 32})
     message = (await resp.json())["error"]["message"]
     assert resp.status == 400 and "max_tokens_per_doc 32 is below the model's pair limit of 64 tokens" in message

@@ -22,7 +22,7 @@ from clients import (
 )
 from clients._common import join_targets, service_config
 from server.app import RerankServer
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.ops_helpers import until
 
 QUERY = "what is panda?"
@@ -62,7 +62,7 @@ async def test_rerank_ranks_and_scores_like_flag_reranker(
 ) -> None:
     out = await client.rerank(QUERY, CANDIDATES, normalize=normalize)
     expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=normalize)
-    assert out.scores == pytest.approx(expected, abs=1e-6)
+    assert out.scores == pytest.approx(expected, **FP32_REORDERED)
     assert [r.index for r in out.results] == sorted(range(len(CANDIDATES)), key=lambda i: -expected[i])
     assert [r.score for r in out.results] == sorted(out.scores, reverse=True)
     assert all(r.document is None for r in out.results)
@@ -81,7 +81,9 @@ async def test_rerank_top_n_and_documents(client: AsyncRerankerClient) -> None:
 async def test_score_pairs_in_input_order(client: AsyncRerankerClient, flag_reranker: Any) -> None:
     pairs = [(QUERY, "hi"), ("什么是函数计算", "函数计算是阿里云Serverless计算服务"), (QUERY, CANDIDATES[1])]
     scores = await client.score_pairs(pairs, normalize=True)
-    assert scores == pytest.approx(flag_reranker.compute_score([list(p) for p in pairs], normalize=True), abs=1e-6)
+    assert scores == pytest.approx(
+        flag_reranker.compute_score([list(p) for p in pairs], normalize=True), **FP32_REORDERED
+    )
 
 
 async def test_model_info_and_health(client: AsyncRerankerClient, server: RerankServer) -> None:

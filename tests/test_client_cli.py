@@ -14,7 +14,7 @@ import pytest
 
 from clients import RerankerClient
 from clients.cli import main
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.pki import Pki
 from tests.server_thread import ServerThread
 
@@ -62,7 +62,7 @@ def test_rerank_over_mutual_tls_with_an_api_key_normalize_and_model(
     code, out, err = run(capsys, "rerank", *connection(secure, pki), *query, "--normalize", "--model", model)
     assert code == 0, err
     expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=True)
-    assert out["scores"] == pytest.approx(expected, abs=1e-6) and out["model"] == model
+    assert out["scores"] == pytest.approx(expected, **FP32_REORDERED) and out["model"] == model
     code, _, err = run(capsys, "rerank", *connection(secure, pki), *query, "--model", "nope")
     assert code == 1 and err.startswith("error: NOT_FOUND") and "nope" in err  # --model reaches the server
     code, _, err = run(capsys, "rerank", *connection(secure, pki, "--api-key"), *query)
@@ -86,7 +86,7 @@ def test_long_documents_flag_chooses_how_a_long_passage_is_scored(
         argv = ["--query", QUERY, "--candidate", LONG, "--max-length", "32", "--long-documents", how]
         code, out, err = run(capsys, "rerank", *connection(secure, pki), *argv)
         assert code == 0, err
-        assert out["scores"] == pytest.approx(want[how], abs=1e-6)
+        assert out["scores"] == pytest.approx(want[how], **FP32_REORDERED)
 
 
 def test_tls_flag_uses_the_system_roots(secure: ServerThread, pki: Pki) -> None:

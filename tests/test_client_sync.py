@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from clients import InvalidRequestError, RerankerClient, Retry, UnavailableError
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.server_thread import ServerThread
 from tests.test_client import free_port
 
@@ -38,7 +38,7 @@ def client(live: ServerThread) -> Iterator[RerankerClient]:
 def test_rerank(client: RerankerClient, flag_reranker: Any) -> None:
     out = client.rerank(QUERY, CANDIDATES, top_n=2, normalize=True, return_documents=True)
     expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=True)
-    assert out.scores == pytest.approx(expected, abs=1e-6)
+    assert out.scores == pytest.approx(expected, **FP32_REORDERED)
     best = sorted(range(len(CANDIDATES)), key=lambda i: -expected[i])[:2]
     assert [(r.index, r.document) for r in out.results] == [(i, CANDIDATES[i]) for i in best]
     assert out.usage.pairs == len(CANDIDATES)
@@ -47,7 +47,7 @@ def test_rerank(client: RerankerClient, flag_reranker: Any) -> None:
 def test_score_pairs_model_info_health(client: RerankerClient, live: ServerThread, flag_reranker: Any) -> None:
     pairs = [(QUERY, "hi"), ("hi", QUERY)]
     assert client.score_pairs(pairs, max_length=64) == pytest.approx(
-        flag_reranker.compute_score([list(p) for p in pairs]), abs=1e-6
+        flag_reranker.compute_score([list(p) for p in pairs]), **FP32_REORDERED
     )
     info = client.model_info()
     assert (

@@ -27,7 +27,7 @@ from server.tokenize.chat import QWEN3_RERANKER
 from server.tokenize.options import Options
 from server.tokenize.packed import pack, unpack
 from server.tokenize.workers import TokenizerWorkers
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tools.make_model import (
     SENTENCES,
     build_layerwise_model,
@@ -206,7 +206,7 @@ async def test_cross_encoder_query_max_length_equals_compute_score(
         expected = flag_reranker.compute_score(
             [list(p) for p in pairs], query_max_length=query_max, max_length=max_length or 512
         )
-        assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+        assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
 
 
 @module_loop

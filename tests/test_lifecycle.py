@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server.__main__ import serve
 from server.app import SERVICE_NAME, RerankServer
 from server.config import Config, ConfigError
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.subprocess_server import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,6 +238,6 @@ async def test_a_hub_id_in_the_local_cache_is_served_offline(
             resp = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query="panda?", candidates=candidates))
         assert resp.model == "tiny-reranker"
         expected = flag_reranker.compute_score([["panda?", c] for c in candidates])
-        assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+        assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
     finally:
         await srv.stop(0)

@@ -23,7 +23,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.config import ConfigError, load_config, parse_models
 from server.engine.model import RerankerModel
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.ops_helpers import free_port, sample, scrape, until
 from tests.subprocess_server import ServerProcess
 from tools.make_model import SENTENCES, build_model
@@ -76,7 +76,7 @@ async def test_each_request_is_scored_by_the_model_it_names(
         stub = pb_grpc.RerankerStub(ch)
         for name, want in [("", expected["one"]), ("one", expected["one"]), ("two", expected["two"])]:
             resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES, model=name))
-            assert list(resp.scores) == pytest.approx(want, abs=1e-6)
+            assert list(resp.scores) == pytest.approx(want, **FP32_REORDERED)
             assert resp.model == (name or "one")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES, model="three"))
@@ -154,11 +154,11 @@ async def test_reload_swaps_changed_weights_and_keeps_serving_on_a_bad_one(
             after = await stub.GetModelInfo(pb.GetModelInfoRequest())
             assert after.revision != before.revision
             resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
-            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), **FP32_REORDERED)
             (live / "config.json").write_text("{not json")  # a broken replacement: the old weights keep serving
             assert await srv.reloader.reload() == {"live": "failed"}
             resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
-            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+            assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), **FP32_REORDERED)
         m = await asyncio.to_thread(scrape, srv.metrics_port)
         assert sample(m, "reranker_model_reloads_total", model="live", result="ok") == 1
         assert sample(m, "reranker_model_reloads_total", model="live", result="failed") == 1
@@ -206,7 +206,7 @@ async def test_watch_models_reloads_once_the_files_stop_changing(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             resp = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query=QUERY, candidates=PASSAGES))
         pairs = [(QUERY, p) for p in PASSAGES]
-        assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
+        assert list(resp.scores) == pytest.approx(reference(other_model_dir, pairs), **FP32_REORDERED)
     finally:
         await srv.stop(0)
 
@@ -243,9 +243,9 @@ async def _calls_through_a_swap(
     stop = threading.Event()
 
     def which(scores: list[float]) -> str:
-        if scores == pytest.approx(old, abs=1e-5):
+        if scores == pytest.approx(old, **FP32_REORDERED):
             return "old"
-        return "new" if scores == pytest.approx(new, abs=1e-5) else "neither"
+        return "new" if scores == pytest.approx(new, **FP32_REORDERED) else "neither"
 
     async def client(stub: pb_grpc.RerankerStub) -> None:
         while not stop.is_set():
@@ -290,8 +290,10 @@ async def test_client_chooses_the_model(two_models: RerankServer, model_dir: Pat
     pairs = [(QUERY, p) for p in PASSAGES]
     async with AsyncRerankerClient(f"127.0.0.1:{two_models.port}") as client:
         out = await client.rerank(QUERY, PASSAGES, model="two")
-        assert out.model == "two" and out.scores == pytest.approx(reference(other_model_dir, pairs), abs=1e-6)
-        assert await client.score_pairs(pairs, model="one") == pytest.approx(reference(model_dir, pairs), abs=1e-6)
+        assert out.model == "two" and out.scores == pytest.approx(reference(other_model_dir, pairs), **FP32_REORDERED)
+        assert await client.score_pairs(pairs, model="one") == pytest.approx(
+            reference(model_dir, pairs), **FP32_REORDERED
+        )
         info = await client.model_info("two")
         assert (info.model, info.models, len(info.revision)) == ("two", ["one", "two"], 12)
         with pytest.raises(ModelNotFoundError, match="one, two"):
@@ -313,7 +315,9 @@ async def test_rest_routes_choose_models(
     body = await resp.json()
     assert resp.status == 200 and body["model"] == "two"
     by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
-    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx([sigmoid(x) for x in raw["two"]], abs=1e-6)
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(
+        [sigmoid(x) for x in raw["two"]], **FP32_REORDERED
+    )
 
     resp = await bridge.post(
         "/rerank", json={"model": "one", "query": QUERY, "documents": PASSAGES, "raw_scores": True}
@@ -321,13 +325,13 @@ async def test_rest_routes_choose_models(
     body = await resp.json()
     assert body["model"] == "one"
     by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
-    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(raw["one"], abs=1e-6)
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(raw["one"], **FP32_REORDERED)
 
     resp = await bridge.post("/rerank", json={"query": QUERY, "compare_to": PASSAGES})  # legacy 2: --legacy2-model
-    assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw["two"]], abs=1e-6)
+    assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw["two"]], **FP32_REORDERED)
     legacy1 = {"text_pairs": [list(p) for p in pairs]}
     resp = await bridge.post("/bge-reranker-base/post", json=legacy1)
-    assert (await resp.json())["rerank_scores"] == pytest.approx(raw["two"], abs=1e-6)
+    assert (await resp.json())["rerank_scores"] == pytest.approx(raw["two"], **FP32_REORDERED)
 
     for path in ("/v1/rerank", "/v2/rerank"):
         resp = await bridge.post(path, json={"model": "rerank-v3.5", "query": QUERY, "documents": PASSAGES})
@@ -350,7 +354,7 @@ async def test_rest_with_one_model_accepts_any_name(
     assert resp.status == 200
     by_index = {r["index"]: r["relevance_score"] for r in (await resp.json())["results"]}
     expected = flag_reranker.compute_score([[QUERY, p] for p in PASSAGES], normalize=True)  # scored by the one model
-    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(expected, abs=1e-6)
+    assert [by_index[i] for i in range(len(PASSAGES))] == pytest.approx(expected, **FP32_REORDERED)
     resp = await bridge.get("/models")
     assert [m["id"] for m in (await resp.json())["data"]] == [server.config.default_model]
 
@@ -394,7 +398,11 @@ async def _calls_through_copies_in_place(
                 continue
             scores = list(resp.scores)
             answers.append(
-                "old" if scores == pytest.approx(old, abs=1e-5) else "new" if scores == pytest.approx(new) else "other"
+                "old"
+                if scores == pytest.approx(old, **FP32_REORDERED)
+                else "new"
+                if scores == pytest.approx(new, **FP32_REORDERED)
+                else "other"
             )
 
     def copy_over(source: Path) -> None:
@@ -517,9 +525,9 @@ async def test_server_rest_port_routes_legacy_models_by_flag(
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{config.rest_port}") as http:
             async with http.post("/bge-reranker-base/post", json={"text_pairs": [list(p) for p in pairs]}) as resp:
-                assert (await resp.json())["rerank_scores"] == pytest.approx(raw, abs=1e-6)
+                assert (await resp.json())["rerank_scores"] == pytest.approx(raw, **FP32_REORDERED)
             async with http.post("/rerank", json={"query": QUERY, "compare_to": PASSAGES}) as resp:
-                assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw], abs=1e-6)
+                assert (await resp.json())["data"] == pytest.approx([sigmoid(x) for x in raw], **FP32_REORDERED)
     finally:
         await runner.cleanup()
 

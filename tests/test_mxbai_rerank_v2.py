@@ -27,7 +27,7 @@ from server.engine.llm_model import model_kind
 from server.engine.load import load_engine
 from server.engine.model import ModelLoadError
 from server.tokenize.options import Options
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tools.make_model import SENTENCES, build_mxbai_v2_model
 
 module_loop = pytest.mark.asyncio(loop_scope="module")  # the tests share one server, on one event loop
@@ -150,9 +150,11 @@ async def test_normalize_is_the_sigmoid_of_the_raw_score_not_the_packages_shifte
     query = "what is panda?"
     raw = await stub.Rerank(pb.RerankRequest(query=query, candidates=SENTENCES))
     normalized = await stub.Rerank(pb.RerankRequest(query=query, candidates=SENTENCES, normalize=True))
-    assert list(normalized.scores) == pytest.approx([1 / (1 + math.exp(-s)) for s in raw.scores], abs=1e-6)
+    assert list(normalized.scores) == pytest.approx([1 / (1 + math.exp(-s)) for s in raw.scores], **FP32_REORDERED)
     package = [float(oracle.predict([query], [d], normalize=True)[0]) for d in SENTENCES]
-    assert package == pytest.approx([1 / (1 + math.exp(-(s - oracle.estimated_max / 2))) for s in raw.scores], abs=1e-5)
+    assert package == pytest.approx(
+        [1 / (1 + math.exp(-(s - oracle.estimated_max / 2))) for s in raw.scores], **FP32_REORDERED
+    )
 
 
 @module_loop

@@ -25,6 +25,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.conftest import FP32_REORDERED
 from tests.subprocess_server import ServerProcess, free_port
 from tools.lock import SERVER_LOCK, TORCH, read_lock
 
@@ -194,16 +195,16 @@ def test_the_installed_client_calls_a_real_server(
     assert called.returncode == 0, called.stderr
     out = json.loads(called.stdout)
     assert out["from"].startswith(str(client_venv))  # the installed package, not this checkout
-    assert out["sync"]["scores"] == pytest.approx(expected, abs=1e-5)
+    assert out["sync"]["scores"] == pytest.approx(expected, **FP32_REORDERED)
     assert out["sync"]["best"] == CANDIDATES[expected.index(max(expected))]
     assert out["sync"]["health"] == "SERVING" and len(out["sync"]["models"]) == 1
-    assert out["async"] == pytest.approx(expected, abs=1e-5)
+    assert out["async"] == pytest.approx(expected, **FP32_REORDERED)
 
     flags = ["--target", locked_server.target, "--query", QUERY, *(a for c in CANDIDATES for a in ("--candidate", c))]
     for cli in ([bin_ / "reranker-client"], [bin_ / "python", "-m", "clients"]):
         ranked = run(*cli, "rerank", *flags, cwd=client_venv)
         assert ranked.returncode == 0, ranked.stderr
-        assert json.loads(ranked.stdout)["scores"] == pytest.approx(expected, abs=1e-5)
+        assert json.loads(ranked.stdout)["scores"] == pytest.approx(expected, **FP32_REORDERED)
         assert run(*cli, "health", "--target", locked_server.target, cwd=client_venv).returncode == 0
     down = run(
         bin_ / "reranker-client", "health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1", cwd=client_venv

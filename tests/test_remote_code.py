@@ -21,7 +21,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.config import ConfigError, load_config
 from server.engine.model import ModelLoadError, RerankerModel, revision
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tools.make_model import SENTENCES, build_bert_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,17 +137,19 @@ async def test_with_the_flag_its_code_scores_as_flag_reranker_and_cross_encoder_
         await srv.stop(0)
     pairs = [[QUERY, s] for s in SENTENCES]
     expected = FlagReranker(str(remote), devices=["cpu"], use_fp16=False, trust_remote_code=True).compute_score(pairs)
-    assert list(resp.scores) == pytest.approx(expected, abs=1e-5)  # float rounding: torch threads differ
+    assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
     ce = CrossEncoder(str(remote), device="cpu", trust_remote_code=True)
     assert type(ce.model).__name__ == "TinyRemoteForSequenceClassification"
     # Pairs that round-trip through the tokenizer alike in both (all of these), raw logits as the config asks.
-    assert list(resp.scores) == pytest.approx([float(s) for s in ce.predict([tuple(p) for p in pairs])], abs=1e-5)
+    assert list(resp.scores) == pytest.approx(
+        [float(s) for s in ce.predict([tuple(p) for p in pairs])], **FP32_REORDERED
+    )
     # The shipped code ran: transformers' own BERT class on the same weights gives the opposite scores.
     builtin = BertForSequenceClassification.from_pretrained(str(remote)).eval()
     tok = ce.tokenizer
     with torch.no_grad():
         plain = [builtin(**tok(q, p, return_tensors="pt")).logits.item() for q, p in pairs]
-    assert list(resp.scores) == pytest.approx([-x for x in plain], abs=1e-5)
+    assert list(resp.scores) == pytest.approx([-x for x in plain], **FP32_REORDERED)
     assert max(abs(x) for x in plain) > 0.1
 
 

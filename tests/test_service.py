@@ -12,7 +12,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server import __version__
 from server.app import RerankServer
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 
 QUERY = "what is panda?"
 CANDIDATES = [
@@ -32,7 +32,7 @@ async def test_candidates_scores_equal_flag_reranker(
 ) -> None:
     resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, normalize=normalize))
     expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=normalize)
-    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
     assert len(set(resp.scores)) == len(CANDIDATES)  # the tiny model tells the candidates apart
     if normalize:
         assert all(0.0 <= s <= 1.0 for s in resp.scores)
@@ -49,13 +49,13 @@ async def test_pairs_scores_equal_flag_reranker(
         pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs], normalize=normalize)
     )
     expected = flag_reranker.compute_score([list(p) for p in pairs], normalize=normalize)
-    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
 
 
 async def test_max_length_truncates_like_flag_reranker(stub: pb_grpc.RerankerStub, flag_reranker: Any) -> None:
     resp = await stub.Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES, max_length=16))
     expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], max_length=16)
-    assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+    assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
     assert resp.usage.tokens <= 16 * len(CANDIDATES)
 
 
@@ -161,7 +161,7 @@ async def test_a_bert_cross_encoder_scores_equal_its_flag_reranker(tmp_path: Any
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             resp = await pb_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query=QUERY, candidates=CANDIDATES))
         expected = flag.compute_score([[QUERY, c] for c in CANDIDATES])
-        assert list(resp.scores) == pytest.approx(expected, abs=1e-6)
+        assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
         assert len(set(resp.scores)) == len(CANDIDATES)
     finally:
         await srv.stop(0)

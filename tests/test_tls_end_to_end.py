@@ -17,7 +17,7 @@ from rest_bridge import BridgeConfig, create_app
 from rest_bridge.config import load_bridge_config
 from server import healthcheck
 from server.app import RerankServer
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.ops_helpers import free_port
 from tests.pki import Pki
 from tests.subprocess_server import ServerProcess
@@ -90,7 +90,7 @@ async def test_standalone_bridge_calls_grpc_over_mutual_tls(
         assert resp.status == 200
         by_index = {r["index"]: r["relevance_score"] for r in (await resp.json())["results"]}
         expected = flag_reranker.compute_score([[QUERY, c] for c in CANDIDATES], normalize=True)
-        assert [by_index[0], by_index[1]] == pytest.approx(expected, abs=1e-6)
+        assert [by_index[0], by_index[1]] == pytest.approx(expected, **FP32_REORDERED)
 
         without_cert = BridgeConfig(grpc_target=f"127.0.0.1:{srv.port}", grpc_ca=str(pki.ca), deadline_s=3)
         bridge = await aiohttp_client(create_app(without_cert))

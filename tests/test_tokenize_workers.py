@@ -24,7 +24,7 @@ from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.tokenize.exact import Instructions
 from server.tokenize.workers import TokenizerWorkers, WorkerEvents
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tools.make_model import SENTENCES
 
 DEADLINE_S = 60.0  # generous: worker start-up on a busy 2-core machine
@@ -80,7 +80,7 @@ async def test_scores_through_a_worker_equal_compute_score(worker_server: Rerank
     async with grpc.aio.insecure_channel(f"127.0.0.1:{worker_server.port}") as ch:
         reply = await pb_grpc.RerankerStub(ch).Rerank(pb.RerankRequest(query=query, candidates=passages))
     expected = flag_reranker.compute_score([[query, p] for p in passages])
-    assert list(reply.scores) == pytest.approx(expected, abs=1e-5)
+    assert list(reply.scores) == pytest.approx(expected, **FP32_REORDERED)
 
 
 async def test_a_worker_dying_fails_only_the_request_it_held(
