@@ -24,13 +24,12 @@ from clients import (
 from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tests.load import PASSAGES, QUERIES, is_whole
 from tests.ops_helpers import GatedEngine, until
 from tests.server_thread import ServerThread
 from tests.subprocess_server import ServerProcess
 
-TOLERANCE = 2e-5  # fp32 sums differ by ~1e-5 when a pair shares a padded batch with others (the parity test's bound)
 QUERY, CANDIDATES = "what is panda?", ["hi", "The giant panda is a bear species endemic to China."]
 
 
@@ -117,7 +116,7 @@ async def test_500_requests_match_unary_answers_and_a_bad_one_gets_its_own_error
     for r, want in zip(good, expected, strict=True):
         got = answers[r.request_id].result
         assert got is not None, answers[r.request_id].error
-        assert got.scores == pytest.approx(want.scores, abs=TOLERANCE)
+        assert got.scores == pytest.approx(want.scores, **FP32_REORDERED)
         assert len(got.results) == len(want.results)
         assert [x.document for x in got.results if x.document] == [x.document for x in want.results if x.document]
     assert server.interceptor.in_flight == 0 and server.interceptor.admission.streams == 0
@@ -257,7 +256,7 @@ def test_blocking_rerank_stream(model_dir: Path, engine: Any) -> None:
             assert set(answers) == {r.request_id for r in requests} and all(a.ok for a in answers.values())
             unary = client.rerank(QUERY, CANDIDATES, return_documents=True)
             (one,) = client.rerank_stream([StreamRequest(query=QUERY, candidates=CANDIDATES, return_documents=True)])
-            assert one.result is not None and one.result.scores == pytest.approx(unary.scores, abs=TOLERANCE)
+            assert one.result is not None and one.result.scores == pytest.approx(unary.scores, **FP32_REORDERED)
             assert [r.document for r in one.result.results] == [r.document for r in unary.results]
             with pytest.raises(InvalidRequestError, match="candidates must be a list"):
                 list(client.rerank_stream([StreamRequest(query=QUERY, candidates="not a list")]))

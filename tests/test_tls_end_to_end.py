@@ -51,7 +51,7 @@ def test_rest_port_with_mutual_tls_serves_both_and_the_probe_passes(model_dir: P
         status, body = _https_post(url, {"query": QUERY, "documents": CANDIDATES}, https)
         assert status == 200
         by_index = {r["index"]: r["relevance_score"] for r in body["results"]}
-        assert [by_index[0], by_index[1]] == pytest.approx(scores, abs=2e-5)
+        assert [by_index[0], by_index[1]] == pytest.approx(scores, **FP32_REORDERED)
 
         no_cert = ssl.create_default_context(cafile=str(pki.ca))  # mutual TLS: no certificate, no answer
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
