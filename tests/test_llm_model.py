@@ -20,11 +20,10 @@ from server.app import RerankServer
 from server.config import load_config
 from server.engine.llm_model import LLMRerankerModel, layerwise_compat, load_flag_reranker, model_kind
 from server.engine.model import ModelLoadError, RerankerModel
-from tests.conftest import test_config
+from tests.conftest import FP32_REORDERED, test_config
 from tools.make_model import SENTENCES, build_layerwise_model, build_llm_model
 
 ARCHS = ("gemma", "qwen2", "layerwise")  # bos + left padding, no bos + right padding, the layer-wise MiniCPM
-TOL = 1e-5  # fp32 on CPU; the tiny models' wide weights turn float rounding into about 3e-6 at worst
 
 ODD = ["", "😀 e\u0301 ﬁ", "\n\n", "什么是函数计算", "<bos> Yes No <pad>", "a " * 60]
 PAIRS = [(q, p) for q in SENTENCES for p in SENTENCES] + [(q, p) for q in ODD for p in ODD[::-1]]
@@ -65,7 +64,7 @@ def layerwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_scores_equal_compute_score(llm: Loaded) -> None:
     ours = llm.engine.score(PAIRS)
-    assert ours == pytest.approx(llm.reference.compute_score([list(p) for p in PAIRS]), abs=TOL)
+    assert ours == pytest.approx(llm.reference.compute_score([list(p) for p in PAIRS]), **FP32_REORDERED)
     assert len({round(s, 4) for s in ours[: len(SENTENCES) ** 2]}) > len(SENTENCES)  # the pairs are told apart
 
 
@@ -75,7 +74,7 @@ def test_request_max_length_truncates_like_compute_score(llm: Loaded, max_length
     pairs = [*PAIRS[:: len(SENTENCES) + 1], long]
     ours = llm.engine.forward(llm.engine.encode(pairs, max_length))
     expected = llm.reference.compute_score([list(p) for p in pairs], max_length=max_length)
-    assert ours == pytest.approx(expected, abs=TOL)
+    assert ours == pytest.approx(expected, **FP32_REORDERED)
     prompt = len(llm.engine.encoder.sep) + len(llm.engine.encoder.prompt)  # 64 tokens with the tiny tokenizer
     if max_length * 3 // 4 > prompt:  # the query's share alone passes the prompt: the passage is cut
         assert len(llm.engine.encode([long], max_length)[0]) == max_length + 2 * prompt
@@ -90,7 +89,7 @@ def test_batches_mixing_requests_score_as_each_pair_alone(llm: Loaded) -> None:
         for start in range(0, len(items), 5):
             batch = items[start : start + 5]
             scores = llm.engine.launch([e for _, _, e in batch])()
-            assert scores == pytest.approx([alone[r, k] for r, k, _ in batch], abs=TOL)
+            assert scores == pytest.approx([alone[r, k] for r, k, _ in batch], **FP32_REORDERED)
 
 
 def test_concurrent_encodes_give_each_its_own_truncation(llm: Loaded) -> None:
@@ -108,7 +107,7 @@ def test_cutoff_layer_scores_equal_compute_score(layerwise_dir: Path) -> None:
     reference = load_flag_reranker(str(layerwise_dir), "layerwise", devices=["cpu"], use_fp16=False)
     pairs = PAIRS[:: len(SENTENCES) - 1]
     ours = engine.score(pairs)
-    assert ours == pytest.approx(reference.compute_score([list(p) for p in pairs], cutoff_layers=[3]), abs=TOL)
+    assert ours == pytest.approx(reference.compute_score([list(p) for p in pairs], cutoff_layers=[3]), **FP32_REORDERED)
     assert ours != pytest.approx(last.score(pairs), abs=1e-3)  # another layer's head: other scores
 
 
@@ -199,7 +198,7 @@ async def test_server_scores_equal_flag_llm_reranker(
     responses = await asyncio.gather(*calls)  # concurrent requests: the batcher mixes their pairs
     for q, resp in zip(SENTENCES, responses, strict=True):
         expected = gemma.reference.compute_score([[q, c] for c in candidates], normalize=normalize)
-        assert list(resp.scores) == pytest.approx(expected, abs=TOL)
+        assert list(resp.scores) == pytest.approx(expected, **FP32_REORDERED)
     assert responses[0].results[0].index == max(range(len(candidates)), key=lambda i: responses[0].scores[i])
 
 
@@ -217,7 +216,7 @@ async def test_a_cross_encoder_and_an_llm_reranker_in_one_server(gemma: Loaded, 
                 resp = await stub.Rerank(
                     pb.RerankRequest(pairs=[pb.Pair(query=q, passage=p) for q, p in pairs], model=name)
                 )
-                assert list(resp.scores) == pytest.approx(reference.compute_score(pairs), abs=TOL)
+                assert list(resp.scores) == pytest.approx(reference.compute_score(pairs), **FP32_REORDERED)
             info = await stub.GetModelInfo(pb.GetModelInfoRequest(model="llm"))
             assert list(info.models) == ["ce", "llm"] and info.revision
     finally:
