@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -62,6 +63,20 @@ def test_config(model_dir: Path, **overrides: Any) -> Config:
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@contextlib.asynccontextmanager
+async def started(srv: RerankServer) -> AsyncIterator[pb_grpc.RerankerStub]:
+    """`srv` started and a stub on it (`stub.server` is `srv`, for tests that read its batchers); stopped on the way
+    out, also when a model fails to start (its workers and threads would keep pytest from exiting)."""
+    try:
+        await srv.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = pb_grpc.RerankerStub(channel)
+            stub.server = srv  # type: ignore[attr-defined]
+            yield stub
+    finally:
+        await srv.stop(0)
 
 
 @pytest.fixture

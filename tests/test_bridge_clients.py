@@ -1,5 +1,6 @@
 """Published clients against a real bridge on a real port: the `cohere` SDK (v1 and v2), `infinity-client`,
-`voyageai`, `mixedbread` and LangChain's NVIDIA integration (NIM's `/v1/ranking`)."""
+`voyageai`, `mixedbread`, LangChain's NVIDIA integration (NIM's `/v1/ranking`) and vLLM's own example client
+(the `cohere` SDK at its rerank API)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,23 @@ def test_cohere_client_v1_with_objects_and_documents(url: str, flag_reranker: An
     assert [r.index for r in resp.results] == order
     assert [r.relevance_score for r in resp.results] == pytest.approx(scores, **FP32_REORDERED)
     assert [r.document.text for r in resp.results if r.document] == [DOCS[i] for i in order]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_vllms_own_example_client_on_the_vllm_dialect(url: str, flag_reranker: Any, version: str) -> None:
+    """vLLM documents its rerank API through the Cohere SDK (examples/online_serving/cohere_rerank_client.py:
+    `cohere.Client` and `cohere.ClientV2` with base_url at the vLLM server): here at the bridge's /vllm prefix, so
+    the SDK posts to /vllm/v1/rerank and /vllm/v2/rerank and parses vLLM's answer (id, model, usage, results)."""
+    with httpx.Client() as http:
+        if version == "v1":
+            co: Any = cohere.Client(base_url=f"{url}/vllm", api_key="sk-fake-key", httpx_client=http)
+        else:
+            co = cohere.ClientV2("sk-fake-key", base_url=f"{url}/vllm", httpx_client=http)
+        resp = co.rerank(model="BAAI/bge-reranker-base", query=QUERY, documents=DOCS)
+    order, scores = best_first(flag_reranker, DOCS, len(DOCS))  # vLLM's default: sigmoid scores, all, best first
+    assert [r.index for r in resp.results] == order
+    assert [r.relevance_score for r in resp.results] == pytest.approx(scores, **FP32_REORDERED)
+    assert resp.id  # vLLM's answer has an id (our request id), which Cohere's parses
 
 
 def test_cohere_client_sees_our_error_message(url: str) -> None:

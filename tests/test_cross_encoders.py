@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import pytest_asyncio
 import torch
@@ -21,7 +20,7 @@ from reranker_proto import reranker_pb2 as pb
 from reranker_proto import reranker_pb2_grpc as pb_grpc
 from server.app import RerankServer
 from server.engine.load import load_engine
-from tests.conftest import FP32_REORDERED, test_config
+from tests.conftest import FP32_REORDERED, started, test_config
 from tools.make_model import SENTENCES, build_bert_model, build_deberta_model, build_modernbert_model
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
@@ -67,14 +66,8 @@ async def stub(families: dict[str, Family]) -> AsyncIterator[pb_grpc.RerankerStu
     pairs tokenized in a worker process, and a batch window wide enough for concurrent requests to share passes."""
     spec = ",".join(f"{kind}={f.path}" for kind, f in families.items())
     srv = RerankServer(test_config(families["bert"].path, model=spec, tokenize_workers=1, max_wait_ms=50.0))
-    try:  # stopped even when a model fails to start: its workers and threads would keep pytest from exiting
-        await srv.start()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
-            stub = pb_grpc.RerankerStub(channel)
-            stub.server = srv  # type: ignore[attr-defined]  # for the tests that read its batchers
-            yield stub
-    finally:
-        await srv.stop(0)
+    async with started(srv) as stub:
+        yield stub
 
 
 def raw_ce(family: Family, pairs: list[tuple[str, str]]) -> list[float]:

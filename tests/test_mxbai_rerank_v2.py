@@ -27,7 +27,7 @@ from server.engine.llm_model import model_kind
 from server.engine.load import load_engine
 from server.engine.model import ModelLoadError
 from server.tokenize.options import Options
-from tests.conftest import FP32_REORDERED, test_config
+from tests.conftest import FP32_REORDERED, started, test_config
 from tools.make_model import SENTENCES, build_mxbai_v2_model
 
 module_loop = pytest.mark.asyncio(loop_scope="module")  # the tests share one server, on one event loop
@@ -82,16 +82,8 @@ def expected(oracle: Any, query: str, documents: list[str], instruction: str | N
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stub(model_dir: Path) -> AsyncIterator[pb_grpc.RerankerStub]:
     srv = RerankServer(test_config(model_dir, max_wait_ms=50.0))  # --model-type auto: detected by its name
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        await srv.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
-            stub = pb_grpc.RerankerStub(channel)
-            stub.server = srv  # type: ignore[attr-defined]  # for the test that reads its batcher
-            yield stub
-    finally:
-        await srv.stop(0)
+    async with started(srv) as stub:
+        yield stub
 
 
 @module_loop

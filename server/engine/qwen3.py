@@ -48,11 +48,11 @@ class Qwen3RerankerModel(LLMRerankerModel):
     family = "qwen3-reranker"
     title = "Qwen3-Reranker"  # how messages name the family
     template: ChatTemplate = QWEN3_RERANKER
-    default_instruction = QWEN3_RERANKER.default_instruction
     options = frozenset({"instruction"})  # the template's own query limit, if any: no separate one per request
 
     def __init__(self, config: Config, path: str, name: str | None = None) -> None:
         snapshot = self._begin(config, path, self.family, name)
+        self.default_instruction = self.template.default_instruction
         self.tokenizer, self.model = self._load(config, path)
         self._check_limits(config, path)
         self._head = self._yes_minus_no(path)
@@ -128,4 +128,3 @@ class MxbaiRerankV2Model(Qwen3RerankerModel):
     family = "mxbai-rerank-v2"
     title = "mxbai-rerank v2"
     template = MXBAI_RERANK_V2
-    default_instruction = MXBAI_RERANK_V2.default_instruction

@@ -149,10 +149,13 @@ class ChatEncoder(ThreadTokenizers):
         only_second), on the tokenizer's truncation side. Cutting ids is what truncating in the tokenizer does."""
         parts = self.template.parts
         assert parts is not None
-        room = self.room(o.max_length or self.max_length)
+        max_length = o.max_length or self.max_length
+        room = self.room(max_length)
         tok = self.thread_tokenizer()
         kwargs = {"add_special_tokens": False, "truncation": True, "padding": False, "return_attention_mask": False}
-        queries = tok([self._query_text(q, o.instruction) for q, _ in pairs], max_length=room * 3 // 4, **kwargs)
+        queries = tok(
+            [self._query_text(q, o.instruction) for q, _ in pairs], max_length=self.query_room(max_length), **kwargs
+        )
         documents = tok([parts.document.format(document=d) for _, d in pairs], max_length=room, **kwargs)
         left = tok.truncation_side == "left"
         out = []
