@@ -38,7 +38,6 @@ from tools.make_model import (
 
 module_loop = pytest.mark.asyncio(loop_scope="module")  # the tests share one server, on one event loop
 
-ALONE, BATCHED = 1e-5, 1e-4  # P(yes): one request alone; inside batches with other requests
 QUERIES = SENTENCES[:4]
 LONG = ("what is panda? " * 20, "The giant panda is a bear. " * 80)  # cut to fit max_length
 
@@ -126,14 +125,14 @@ async def test_qwen3_scores_p_yes_as_its_model_card_alone_and_batched(
         pairs = [(req.query, c) for c in req.candidates]
         instruction = req.instruction or None
         alone = [ref([p], instruction)[0] for p in pairs]
-        assert list(resp.scores) == pytest.approx(alone, rel=1e-4, abs=ALONE)
-        assert list(resp.scores) == pytest.approx(ref(pairs, instruction), abs=BATCHED)
+        assert list(resp.scores) == pytest.approx(alone, **FP32_REORDERED)
+        assert list(resp.scores) == pytest.approx(ref(pairs, instruction), **FP32_REORDERED)
     assert len({round(s, 4) for s in responses[0].scores}) > 3  # the pairs are told apart
     instructed, default = responses[-1].scores, responses[0].scores[:3]
     assert list(instructed) != pytest.approx(list(default), abs=1e-4)  # the instruction reaches the model
     raw = await stub.Rerank(_request(QUERIES[1], SENTENCES, "qwen3"))
     p_yes = [1 / (1 + math.exp(-s)) for s in raw.scores]  # raw = logit(yes) - logit(no): its sigmoid is P(yes)
-    assert p_yes == pytest.approx(list(responses[1].scores), rel=1e-4, abs=ALONE)
+    assert p_yes == pytest.approx(list(responses[1].scores), **FP32_REORDERED)
 
 
 @module_loop
@@ -333,7 +332,7 @@ async def test_qwen3_long_documents_chunk_scores_each_window_whole(
     )
     ref = Qwen3Reference(paths["qwen3"], max_length=128)
     assert resp.usage.windows == len(windows)
-    assert resp.scores[0] == pytest.approx(max(ref([(query, w)], instruction)[0] for w in windows), rel=1e-4, abs=ALONE)
+    assert resp.scores[0] == pytest.approx(max(ref([(query, w)], instruction)[0] for w in windows), **FP32_REORDERED)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

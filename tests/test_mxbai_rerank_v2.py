@@ -34,8 +34,6 @@ module_loop = pytest.mark.asyncio(loop_scope="module")  # the tests share one se
 
 MODEL_TYPE = "mxbai-rerank-v2"  # the family's --model-type value
 FAMILY = "mxbai-rerank-v2"  # and its GetModelInfo.family
-ALONE_TOL = 1e-5  # fp32 on CPU: the package pads on the left without position ids, so rotary positions shift
-BATCH_TOL = 1e-4  # ... and batch-mates of other widths add float rounding
 LONG = " ".join(SENTENCES) * 12  # past max_length: cut as the package cuts it
 INSTRUCTION = "Find passages about animals"
 
@@ -90,7 +88,7 @@ async def stub(model_dir: Path) -> AsyncIterator[pb_grpc.RerankerStub]:
 async def test_alone_equals_the_package(stub: pb_grpc.RerankerStub, oracle: Any) -> None:
     for query in ["what is panda?", SENTENCES[5]]:
         resp = await stub.Rerank(pb.RerankRequest(query=query, candidates=SENTENCES))
-        assert list(resp.scores) == pytest.approx(expected(oracle, query, SENTENCES), rel=1e-4, abs=ALONE_TOL)
+        assert list(resp.scores) == pytest.approx(expected(oracle, query, SENTENCES), **FP32_REORDERED)
         assert len({round(s, 4) for s in resp.scores}) >= len(SENTENCES) - 1
 
 
@@ -99,7 +97,7 @@ async def test_the_instruction_is_the_packages_instruction_line(stub: pb_grpc.Re
     query = "what is panda?"
     resp = await stub.Rerank(pb.RerankRequest(query=query, candidates=SENTENCES, instruction=INSTRUCTION))
     with_line = expected(oracle, query, SENTENCES, INSTRUCTION)
-    assert list(resp.scores) == pytest.approx(with_line, rel=1e-4, abs=ALONE_TOL)
+    assert list(resp.scores) == pytest.approx(with_line, **FP32_REORDERED)
     assert with_line != pytest.approx(expected(oracle, query, SENTENCES), abs=1e-3)  # the line changes the scores
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.family == FAMILY and info.default_instruction == ""  # the package adds no line by default
@@ -110,7 +108,7 @@ async def test_long_texts_are_cut_as_the_package_cuts_them(stub: pb_grpc.Reranke
     documents = [LONG, LONG[100:], "hi"]
     for query in ["what is panda?", LONG[:3000]]:  # a query past 3/4 of max_length too
         resp = await stub.Rerank(pb.RerankRequest(query=query, candidates=documents))
-        assert list(resp.scores) == pytest.approx(expected(oracle, query, documents), rel=1e-4, abs=ALONE_TOL)
+        assert list(resp.scores) == pytest.approx(expected(oracle, query, documents), **FP32_REORDERED)
 
 
 @module_loop
@@ -126,7 +124,7 @@ async def test_requests_batched_together_equal_each_alone(stub: pb_grpc.Reranker
     responses = await asyncio.gather(*(stub.Rerank(r) for r in requests))
     for req, resp in zip(requests, responses, strict=True):
         want = expected(oracle, req.query, list(req.candidates), req.instruction or None)
-        assert list(resp.scores) == pytest.approx(want, abs=BATCH_TOL)
+        assert list(resp.scores) == pytest.approx(want, **FP32_REORDERED)  # batched with the other requests
     batches = batcher.stats.batches - before
     assert batches < len(requests), f"{len(requests)} concurrent requests took {batches} forward passes"
 
@@ -174,7 +172,7 @@ async def test_long_documents_chunk_into_windows_the_package_scores_whole(
     )
     assert resp.usage.windows == len(windows)
     want = max(expected(package(model_dir, 64), query, windows, INSTRUCTION))
-    assert resp.scores[0] == pytest.approx(want, rel=1e-4, abs=ALONE_TOL)
+    assert resp.scores[0] == pytest.approx(want, **FP32_REORDERED)
 
 
 @module_loop
